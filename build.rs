@@ -1,0 +1,17 @@
+//! Link libtorch so that CUDA stays reachable (DESIGN.md §3).
+//!
+//! Without `--no-as-needed -ltorch` the linker drops `libtorch_cuda.so` (nothing references it
+//! directly) and `tch::Cuda::is_available()` is false even on a GPU node. The rpath to the venv's
+//! `torch/lib` lets `target/release/fusion_bench` run with no `LD_LIBRARY_PATH`; on a GPU machine
+//! whose own torch 2.11 lives elsewhere, `LD_LIBRARY_PATH` naming that `lib` folder takes precedence
+//! over this RUNPATH.
+fn main() {
+    if let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.to_string_lossy());
+    }
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    println!("cargo:rustc-link-arg=-ltorch");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
+    println!("cargo:rerun-if-changed=build.rs");
+}

@@ -1,0 +1,70 @@
+//! Which GPU a process binds, from the launcher's environment.
+//!
+//! One process per GPU: under Slurm the node-local rank is `SLURM_LOCALID`; by hand,
+//! `LOCAL_RANK` (torchrun's name) is honoured too. `CUDA_VISIBLE_DEVICES` is applied by the CUDA
+//! runtime itself, so the index returned here is an index into the *visible* devices.
+
+/// The launcher-provided facts that decide placement.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// Node-local rank of this process, if a launcher gave one.
+    pub local_rank: Option<usize>,
+    /// The devices `CUDA_VISIBLE_DEVICES` lists (`None` when unset; empty when set to "").
+    pub visible_devices: Option<Vec<String>>,
+}
+
+impl Placement {
+    /// Reads `SLURM_LOCALID` (then `LOCAL_RANK`) and `CUDA_VISIBLE_DEVICES` through `get`.
+    pub fn from_env_with(get: impl Fn(&str) -> Option<String>) -> Self {
+        let local_rank = ["SLURM_LOCALID", "LOCAL_RANK"]
+            .iter()
+            .find_map(|k| get(k).and_then(|v| v.trim().parse().ok()));
+        let visible_devices = get("CUDA_VISIBLE_DEVICES").map(|v| {
+            v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+        });
+        Self { local_rank, visible_devices }
+    }
+
+    /// [`Placement::from_env_with`] over the process environment.
+    pub fn from_env() -> Self {
+        Self::from_env_with(|k| std::env::var(k).ok())
+    }
+
+    /// The CUDA ordinal to bind, given how many devices the runtime reports: the local rank
+    /// modulo that count (0 without a rank); `None` when there is no device.
+    pub fn gpu_index(&self, device_count: usize) -> Option<usize> {
+        if device_count == 0 || self.visible_devices.as_ref().is_some_and(Vec::is_empty) {
+            return None;
+        }
+        Some(self.local_rank.unwrap_or(0) % device_count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn slurm_local_rank_picks_the_gpu() {
+        let p = Placement::from_env_with(env(&[("SLURM_LOCALID", "3"), ("LOCAL_RANK", "1")]));
+        assert_eq!(p.local_rank, Some(3));
+        assert_eq!(p.gpu_index(4), Some(3));
+        assert_eq!(p.gpu_index(2), Some(1));
+        assert_eq!(p.gpu_index(0), None);
+    }
+
+    #[test]
+    fn visible_devices_and_defaults() {
+        let p = Placement::from_env_with(env(&[("CUDA_VISIBLE_DEVICES", "2,5")]));
+        assert_eq!(p.visible_devices, Some(vec!["2".to_string(), "5".to_string()]));
+        assert_eq!(p.gpu_index(2), Some(0));
+        let none = Placement::from_env_with(env(&[("CUDA_VISIBLE_DEVICES", "")]));
+        assert_eq!(none.gpu_index(8), None);
+        let torchrun = Placement::from_env_with(env(&[("LOCAL_RANK", "1")]));
+        assert_eq!(torchrun.gpu_index(8), Some(1));
+    }
+}

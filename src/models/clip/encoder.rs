@@ -1,0 +1,139 @@
+//! The pre-LN transformer encoder both CLIP towers share (`CLIPEncoderLayer`):
+//! `h += out_proj(MHA(LN1 h))`, then `h += fc2(act(fc1(LN2 h)))`.
+
+use super::config::EncoderConfig;
+use crate::weights::{Scope, WeightError};
+use tch::Tensor;
+
+/// Parameter names of one encoder layer, in `named_parameters()` order (k, v, q, out).
+pub const LAYER_PARAMS: [&str; 16] = [
+    "self_attn.k_proj.weight",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight",
+    "self_attn.v_proj.bias",
+    "self_attn.q_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.out_proj.weight",
+    "self_attn.out_proj.bias",
+    "layer_norm1.weight",
+    "layer_norm1.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+    "layer_norm2.weight",
+    "layer_norm2.bias",
+];
+
+/// A linear layer's weight and bias.
+#[derive(Debug)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`.
+    pub bias: Tensor,
+}
+
+impl Linear {
+    fn load(s: &Scope, out: i64, inp: i64) -> Result<Self, WeightError> {
+        Ok(Self { weight: s.get("weight", &[out, inp])?, bias: s.get("bias", &[out])? })
+    }
+    /// `x Wᵀ + b`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, Some(&self.bias))
+    }
+}
+
+/// A LayerNorm's affine parameters.
+#[derive(Debug)]
+pub struct LayerNorm {
+    /// γ.
+    pub weight: Tensor,
+    /// β.
+    pub bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` of width `dim`.
+    pub fn load(s: &Scope, dim: i64, eps: f64) -> Result<Self, WeightError> {
+        Ok(Self { weight: s.get("weight", &[dim])?, bias: s.get("bias", &[dim])?, eps })
+    }
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let d = *x.size().last().unwrap_or(&1);
+        x.layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// One encoder layer.
+#[derive(Debug)]
+pub struct EncoderLayer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    ln1: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    ln2: LayerNorm,
+}
+
+impl EncoderLayer {
+    fn load(s: &Scope, c: &EncoderConfig) -> Result<Self, WeightError> {
+        let (h, m, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
+        let a = s.pp("self_attn");
+        Ok(Self {
+            k: Linear::load(&a.pp("k_proj"), h, h)?,
+            v: Linear::load(&a.pp("v_proj"), h, h)?,
+            q: Linear::load(&a.pp("q_proj"), h, h)?,
+            out: Linear::load(&a.pp("out_proj"), h, h)?,
+            ln1: LayerNorm::load(&s.pp("layer_norm1"), h, eps)?,
+            fc1: Linear::load(&s.pp("mlp").pp("fc1"), m, h)?,
+            fc2: Linear::load(&s.pp("mlp").pp("fc2"), h, m)?,
+            ln2: LayerNorm::load(&s.pp("layer_norm2"), h, eps)?,
+        })
+    }
+
+    fn forward(&self, h: &Tensor, c: &EncoderConfig, mask: Option<&Tensor>) -> Tensor {
+        let (b, l, d) = h.size3().expect("encoder input is [batch, tokens, hidden]");
+        let heads = c.num_attention_heads;
+        let split = |t: Tensor| t.view([b, l, heads, d / heads]).transpose(1, 2);
+        let x = self.ln1.forward(h);
+        let (q, k, v) =
+            (split(self.q.forward(&x)), split(self.k.forward(&x)), split(self.v.forward(&x)));
+        let scale = (c.head_dim() as f64).powf(-0.5);
+        let a = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, scale, false);
+        let a = a.transpose(1, 2).contiguous().view([b, l, d]);
+        let h = h + self.out.forward(&a);
+        let x = self.ln2.forward(&h);
+        let x = self.fc2.forward(&c.activation.apply(&self.fc1.forward(&x)));
+        h + x
+    }
+}
+
+/// The stack of encoder layers (`encoder.layers.{i}`).
+#[derive(Debug)]
+pub struct Encoder {
+    layers: Vec<EncoderLayer>,
+    config: EncoderConfig,
+}
+
+impl Encoder {
+    /// Loads `layers.{0..n}` under `s` (the `encoder` scope).
+    pub fn load(s: &Scope, c: &EncoderConfig) -> Result<Self, WeightError> {
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| EncoderLayer::load(&s.pp("layers").pp(i), c))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { layers, config: c.clone() })
+    }
+
+    /// Runs every layer; `mask` (bool, `[B, 1, L, L]`, true = may attend) is optional.
+    pub fn forward(&self, h: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let mut h = h.shallow_clone();
+        for layer in &self.layers {
+            h = layer.forward(&h, &self.config, mask);
+        }
+        h
+    }
+}

@@ -1,0 +1,2 @@
+//! Models: CLIP (the one functional forward every method shares).
+pub mod clip;
