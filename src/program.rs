@@ -1,0 +1,214 @@
+//! The evaluation program: load the model to evaluate and the task pool's base CLIP, build each
+//! task's zero-shot head, run the test split in FusionBench's batches, and produce the report.
+//!
+//! This is FusionBench's `method=dummy` path (`CLIPVisionModelTaskPool.evaluate`); merging
+//! methods will hand their merged vision weights to the same [`evaluate`].
+
+use crate::data::{ImageDataset, ImageProcessorConfig};
+use crate::device::Accelerator;
+use crate::hub::{Hub, RepoType};
+use crate::models::clip::{load_vision_weights, ClipModel, ClipTokenizer, ClipVision};
+use crate::tasks::{self, metrics::TaskMetrics, zeroshot};
+use crate::weights::{Scope, WeightMap};
+use anyhow::{Context, Result};
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// A test dataset on the hub: id, optional config name, split.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetRef {
+    /// Hub id (`tanganke/sun397`) or local directory.
+    pub id: String,
+    /// Config name (`cropped_digits` for SVHN), if any.
+    pub config: Option<String>,
+    /// Split (`test`).
+    pub split: String,
+}
+
+impl DatasetRef {
+    /// The test split of the dataset FusionBench's config tree loads for `task`.
+    pub fn default_test(task: &str) -> Option<Self> {
+        let (id, config) = match tasks::canonical_name(task)? {
+            "sun397" => ("tanganke/sun397", None),
+            "stanford-cars" => ("tanganke/stanford_cars", None),
+            "resisc45" => ("tanganke/resisc45", None),
+            "eurosat" => ("tanganke/eurosat", None),
+            "svhn" => ("ufldl-stanford/svhn", Some("cropped_digits")),
+            "gtsrb" => ("tanganke/gtsrb", None),
+            "mnist" => ("ylecun/mnist", Some("mnist")),
+            "dtd" => ("tanganke/dtd", None),
+            _ => return None,
+        };
+        Some(Self { id: id.into(), config: config.map(Into::into), split: "test".into() })
+    }
+}
+
+/// What to evaluate and how.
+#[derive(Debug, Clone)]
+pub struct EvalPlan {
+    /// The vision model to evaluate (hub id or directory of a `CLIPVisionModel`/`CLIPModel`).
+    pub model: String,
+    /// The task pool's `base_model`: text tower, projections and logit scale.
+    pub base_model: String,
+    /// The processor (preprocessing config) id; FusionBench's task pool default is the base model.
+    pub processor: String,
+    /// (report key, dataset) in config order.
+    pub tasks: Vec<(String, DatasetRef)>,
+    /// Evaluation batch size (FusionBench: 128).
+    pub batch_size: usize,
+    /// Only the first batch of each task.
+    pub fast_dev_run: bool,
+    /// CPU or GPU.
+    pub accelerator: Accelerator,
+    /// Where to write the report JSON (FusionBench's `report_save_path`).
+    pub report_save_path: Option<PathBuf>,
+}
+
+/// Per-task results in config order.
+#[derive(Debug, Clone)]
+pub struct EvalResult {
+    /// `(report key, metrics)`.
+    pub tasks: Vec<(String, TaskMetrics)>,
+    /// Parameters of the evaluated vision model.
+    pub all_params: i64,
+    /// Trainable parameters (all of them for a plain model).
+    pub trainable_params: i64,
+}
+
+impl EvalResult {
+    /// The report FusionBench writes: `model_info`, each task, then `average`.
+    pub fn report(&self) -> Value {
+        let mut m = Map::new();
+        let pct = if self.all_params > 0 {
+            self.trainable_params as f64 / self.all_params as f64
+        } else {
+            0.0
+        };
+        m.insert(
+            "model_info".into(),
+            json!({"trainable_params": self.trainable_params, "all_params": self.all_params, "trainable_percentage": pct}),
+        );
+        for (name, t) in &self.tasks {
+            m.insert(name.clone(), json!({"accuracy": t.accuracy(), "loss": t.loss()}));
+        }
+        if !self.tasks.is_empty() {
+            let n = self.tasks.len() as f64;
+            let acc = self.tasks.iter().map(|(_, t)| t.accuracy()).sum::<f64>() / n;
+            let loss = self.tasks.iter().map(|(_, t)| t.loss()).sum::<f64>() / n;
+            m.insert("average".into(), json!({"accuracy": acc, "loss": loss}));
+        }
+        Value::Object(m)
+    }
+}
+
+/// Evaluates `vision` on each task of `plan` with the base model's heads.
+pub fn evaluate(
+    plan: &EvalPlan,
+    hub: &Hub,
+    vision: &ClipVision,
+    base: &ClipModel,
+    device: Device,
+) -> Result<Vec<(String, TaskMetrics)>> {
+    let base_dir = hub.resolve(&plan.base_model, RepoType::Model, None)?;
+    let tokenizer = ClipTokenizer::from_dir(&base_dir)
+        .with_context(|| format!("loading the tokenizer of {}", plan.base_model))?;
+    let proc_dir = hub.resolve(&plan.processor, RepoType::Model, None)?;
+    let processor = ImageProcessorConfig::from_file(&proc_dir.join("preprocessor_config.json"))?;
+    let mut out = Vec::new();
+    for (name, ds) in &plan.tasks {
+        let spec = tasks::task(name)?;
+        let t0 = Instant::now();
+        let head = zeroshot::zeroshot_head(base, &tokenizer, spec);
+        let dir = hub.resolve(&ds.id, RepoType::Dataset, None)?;
+        let data = ImageDataset::open(&dir, ds.config.as_deref(), &ds.split)
+            .with_context(|| format!("task `{name}`: opening dataset {} split {}", ds.id, ds.split))?;
+        let metrics = evaluate_task(name, &data, &processor, vision, base, &head, plan, device)?;
+        tracing::info!(
+            task = %name,
+            accuracy = metrics.accuracy(),
+            loss = metrics.loss(),
+            examples = metrics.total,
+            seconds = t0.elapsed().as_secs_f64(),
+            "task evaluated"
+        );
+        out.push((name.clone(), metrics));
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn evaluate_task(
+    name: &str,
+    data: &ImageDataset,
+    processor: &ImageProcessorConfig,
+    vision: &ClipVision,
+    base: &ClipModel,
+    head: &Tensor,
+    plan: &EvalPlan,
+    device: Device,
+) -> Result<TaskMetrics> {
+    let _guard = tch::no_grad_guard();
+    let n = data.len();
+    let size = processor.output_size();
+    let mut metrics = TaskMetrics::default();
+    let mut start = 0;
+    while start < n {
+        let end = (start + plan.batch_size).min(n);
+        let (pixels, labels) = data
+            .decode_and_preprocess_batch(start..end, processor)
+            .with_context(|| format!("task `{name}`"))?;
+        let b = (end - start) as i64;
+        let x = Tensor::from_slice(&pixels).view([b, 3, size.0 as i64, size.1 as i64]).to_device(device);
+        let y = Tensor::from_slice(&labels).to_device(device);
+        let logits = zeroshot::logits(&base.image_features(vision, &x), head, &base.logit_scale);
+        let loss = logits.cross_entropy_for_logits(&y).double_value(&[]) as f32;
+        let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+        metrics.add_batch(correct as u64, b as u64, loss);
+        tracing::debug!(task = %name, done = end, of = n, "batch");
+        start = end;
+        if plan.fast_dev_run {
+            break;
+        }
+    }
+    Ok(metrics)
+}
+
+/// Loads the model to evaluate as ordered vision weights.
+pub fn load_model(hub: &Hub, id: &str) -> Result<(crate::models::clip::VisionConfig, WeightMap)> {
+    let dir = hub.resolve(id, RepoType::Model, None)?;
+    load_vision_weights(&dir).with_context(|| format!("loading model `{id}` from {}", dir.display()))
+}
+
+/// Runs the whole plan (FusionBench's `method=dummy`): evaluate, report, save.
+pub fn run(plan: &EvalPlan, hub: &Hub) -> Result<Value> {
+    let device = crate::device::select(plan.accelerator)?;
+    let (config, weights) = load_model(hub, &plan.model)?;
+    let vision = ClipVision::load(&Scope::new(&weights, device, Kind::Float).pp("vision_model"), &config)?;
+    let base_dir = hub.resolve(&plan.base_model, RepoType::Model, None)?;
+    let base = ClipModel::load(&base_dir, device)
+        .with_context(|| format!("loading the task pool's base model `{}`", plan.base_model))?;
+    let tasks = evaluate(plan, hub, &vision, &base, device)?;
+    let all = weights.numel();
+    let result = EvalResult { tasks, all_params: all, trainable_params: all };
+    let report = result.report();
+    if let Some(path) = &plan.report_save_path {
+        save_report(&report, path)?;
+    }
+    Ok(report)
+}
+
+/// Writes the report atomically (temp file, then rename): a crash never leaves a partial report
+/// under the final name.
+pub fn save_report(report: &Value, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("json.partial");
+    std::fs::write(&tmp, crate::report::to_python_json(report))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    tracing::info!(path = %path.display(), "report saved");
+    Ok(())
+}
