@@ -13,8 +13,12 @@ use tch::{Device, Kind, Tensor};
 
 fn shape_config(name: &str) -> VisionConfig {
     let json = match name {
-        "B/32" => r#"{"hidden_size":768,"intermediate_size":3072,"num_attention_heads":12,"num_hidden_layers":12,"patch_size":32,"image_size":224}"#,
-        _ => r#"{"hidden_size":1024,"intermediate_size":4096,"num_attention_heads":16,"num_hidden_layers":24,"patch_size":14,"image_size":224}"#,
+        "B/32" => {
+            r#"{"hidden_size":768,"intermediate_size":3072,"num_attention_heads":12,"num_hidden_layers":12,"patch_size":32,"image_size":224}"#
+        }
+        _ => {
+            r#"{"hidden_size":1024,"intermediate_size":4096,"num_attention_heads":16,"num_hidden_layers":24,"patch_size":14,"image_size":224}"#
+        }
     };
     VisionConfig::from_json(name, json).expect("built-in config")
 }
@@ -43,11 +47,17 @@ fn main() {
     let _g = tch::no_grad_guard();
     println!("torch threads: {}", tch::get_num_threads());
     if !tch::Cuda::is_available() {
-        println!("no CUDA device visible to libtorch: nothing to check (this is fine on CPU machines)");
+        println!(
+            "no CUDA device visible to libtorch: nothing to check (this is fine on CPU machines)"
+        );
         return;
     }
     let gpu = Device::Cuda(0);
-    println!("CUDA devices: {}, cudnn: {}", tch::Cuda::device_count(), tch::Cuda::cudnn_is_available());
+    println!(
+        "CUDA devices: {}, cudnn: {}",
+        tch::Cuda::device_count(),
+        tch::Cuda::cudnn_is_available()
+    );
     let mut ok = true;
     for name in ["B/32", "L/14"] {
         let c = shape_config(name);
@@ -55,11 +65,15 @@ fn main() {
         tch::manual_seed(1);
         let x = Tensor::randn([8, 3, 224, 224], (Kind::Float, Device::Cpu));
         let cpu = load(&map, &c, Device::Cpu, Kind::Float).forward(&x);
-        let cuda = load(&map, &c, gpu, Kind::Float).forward(&x.to_device(gpu)).to_device(Device::Cpu);
+        let cuda =
+            load(&map, &c, gpu, Kind::Float).forward(&x.to_device(gpu)).to_device(Device::Cpu);
         let diff = (&cpu - &cuda).abs().max().double_value(&[]);
         let pass = diff <= 1e-3;
         ok &= pass;
-        println!("parity {name} fp32 CUDA vs CPU: max |diff| = {diff:.3e} (tol 1e-3) {}", if pass { "PASS" } else { "FAIL" });
+        println!(
+            "parity {name} fp32 CUDA vs CPU: max |diff| = {diff:.3e} (tol 1e-3) {}",
+            if pass { "PASS" } else { "FAIL" }
+        );
         for kind in [Kind::Float, Kind::BFloat16] {
             let model = load(&map, &c, gpu, kind);
             let batch = Tensor::randn([128, 3, 224, 224], (kind, gpu));
@@ -74,7 +88,10 @@ fn main() {
             }
             tch::Cuda::synchronize(0);
             let secs = t0.elapsed().as_secs_f64();
-            println!("throughput {name} {kind:?}: {:.0} images/s (batch 128, {iters} iterations)", 128.0 * iters as f64 / secs);
+            println!(
+                "throughput {name} {kind:?}: {:.0} images/s (batch 128, {iters} iterations)",
+                128.0 * iters as f64 / secs
+            );
         }
     }
     if !ok {

@@ -122,9 +122,7 @@ impl Hub {
         if local.is_dir() {
             return Ok(local.to_path_buf());
         }
-        let repo = self
-            .cache
-            .join(format!("{}--{}", kind.folder_prefix(), id.replace('/', "--")));
+        let repo = self.cache.join(format!("{}--{}", kind.folder_prefix(), id.replace('/', "--")));
         let revision = revision.unwrap_or("main");
         let refs = repo.join("refs").join(revision);
         let rev = if refs.is_file() {
@@ -156,6 +154,19 @@ impl Hub {
         Ok(snapshot)
     }
 
+    /// As [`Hub::resolve`] for a dataset, following the hub's redirects of legacy canonical ids
+    /// (`svhn` → `ufldl-stanford/svhn`, `mnist` → `ylecun/mnist`, as FusionBench 0.2.33's dataset
+    /// configs still name them) when the id itself is not cached.
+    pub fn resolve_dataset(&self, id: &str) -> Result<PathBuf, HubError> {
+        match self.resolve(id, RepoType::Dataset, None) {
+            Err(e @ HubError::NotCached { .. }) => match legacy_dataset_redirect(id) {
+                Some(new) => self.resolve(new, RepoType::Dataset, None).map_err(|_| e),
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+
     /// One file of a resolved repository.
     pub fn file(&self, id: &str, kind: RepoType, file: &str) -> Result<PathBuf, HubError> {
         let dir = self.resolve(id, kind, None)?;
@@ -166,6 +177,18 @@ impl Hub {
             Err(HubError::MissingFile { file: file.to_string(), dir: dir.display().to_string() })
         }
     }
+}
+
+/// The repository a legacy canonical dataset id now redirects to on the hub.
+pub fn legacy_dataset_redirect(id: &str) -> Option<&'static str> {
+    Some(match id {
+        "svhn" => "ufldl-stanford/svhn",
+        "mnist" => "ylecun/mnist",
+        "cifar10" => "uoft-cs/cifar10",
+        "cifar100" => "uoft-cs/cifar100",
+        "fashion_mnist" => "zalando-datasets/fashion_mnist",
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -6,10 +6,12 @@
 //! and metrics.
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod data;
 pub mod device;
 pub mod hub;
 pub mod models;
+pub mod program;
 pub mod report;
 pub mod tasks;
 pub mod weights;

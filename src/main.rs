@@ -1,85 +1,70 @@
 //! `fusion_bench`: FusionBench's command line, on libtorch.
 //!
-//! This build runs FusionBench's `method=dummy` evaluation: the model given by
-//! `modelpool.models._pretrained_` is evaluated on the eight TA8 tasks with the task pool's base
-//! CLIP, and the report is printed and saved to `report_save_path`. Overrides use FusionBench's
-//! `key=value` syntax; the full YAML config tree (`modelpool=…`, `taskpool=…`) is the next step.
+//! The arguments are FusionBench's (Hydra's) overrides, composed over the YAML tree in `config/`
+//! exactly as FusionBench composes its own (`fusion_bench --cfg job …` prints the result). The
+//! program then runs the method on the model pool and evaluates the result with the task pool.
+//! Methods available in this build: `dummy`.
 
 use anyhow::{bail, Context, Result};
-use fusion_bench::device::Accelerator;
+use fusion_bench::config::{compose_from_args, default_config_dirs, ProgramConfig, TaskPoolKind};
 use fusion_bench::hub::Hub;
 use fusion_bench::program::{self, DatasetRef, EvalPlan};
-use fusion_bench::tasks::TA8;
 use std::path::PathBuf;
 
-const USAGE: &str = "usage: fusion_bench [method=dummy] [modelpool.models._pretrained_=ID|PATH] \
-[taskpool.base_model=ID] [taskpool.test_datasets=sun397,mnist,...] [taskpool.batch_size=128] \
-[fabric.accelerator=auto|cpu|gpu] [fast_dev_run=true] [report_save_path=PATH]";
-
-fn parse_bool(key: &str, v: &str) -> Result<bool> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" | "null" => Ok(false),
-        _ => bail!("{key}: expected true or false, got `{v}`"),
-    }
+/// The model `method=dummy` returns: `_pretrained_` if the pool has it, else the first model
+/// (FusionBench's `load_pretrained_or_first_model`).
+fn dummy_model(cfg: &ProgramConfig) -> Result<String> {
+    let models = &cfg.modelpool.models;
+    models
+        .iter()
+        .find(|(name, _)| name == "_pretrained_")
+        .or_else(|| models.first())
+        .map(|(_, spec)| spec.path.clone())
+        .context("modelpool.models is empty: nothing to evaluate")
 }
 
-fn plan_from_args(args: &[String]) -> Result<EvalPlan> {
-    let mut plan = EvalPlan {
-        model: "openai/clip-vit-base-patch32".into(),
-        base_model: "openai/clip-vit-base-patch32".into(),
-        processor: String::new(),
-        tasks: Vec::new(),
-        batch_size: 128,
-        fast_dev_run: false,
-        accelerator: Accelerator::Auto,
-        report_save_path: None,
-    };
-    let mut task_names: Vec<String> = TA8.iter().map(|s| s.to_string()).collect();
-    for arg in args {
-        let (key, value) = arg
-            .split_once('=')
-            .with_context(|| format!("argument `{arg}` is not key=value\n{USAGE}"))?;
-        let value = value.trim_matches(|c| c == '"' || c == '\'');
-        match key.trim_start_matches('+') {
-            "method" if value == "dummy" => {}
-            "method" => bail!("method `{value}` is not available in this build (only `dummy`)"),
-            "modelpool.models._pretrained_"
-            | "modelpool.models._pretrained_.pretrained_model_name_or_path" => {
-                plan.model = value.into()
-            }
-            "taskpool.base_model" | "taskpool.clip_model" => plan.base_model = value.into(),
-            "taskpool.processor" => plan.processor = value.into(),
-            "taskpool.test_datasets" => {
-                task_names = value
-                    .trim_matches(|c| c == '[' || c == ']')
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            }
-            "taskpool.batch_size" => {
-                plan.batch_size = value.parse().with_context(|| format!("{key}: `{value}`"))?
-            }
-            "fabric.accelerator" => plan.accelerator = value.parse()?,
-            "fast_dev_run" => plan.fast_dev_run = parse_bool(key, value)?,
-            "report_save_path" => {
-                plan.report_save_path =
-                    (!matches!(value, "null" | "false" | "")).then(|| PathBuf::from(value))
-            }
-            "print_config" | "seed" => {}
-            other => bail!("unknown override `{other}`\n{USAGE}"),
-        }
+fn plan(cfg: &ProgramConfig) -> Result<Option<EvalPlan>> {
+    let method = cfg.method.option.as_deref().unwrap_or("");
+    if method != "dummy"
+        && cfg.method.target.as_deref() != Some("fusion_bench.method.DummyAlgorithm")
+    {
+        bail!("method `{method}` is not available in this build (available: dummy)");
     }
-    if plan.processor.is_empty() {
-        plan.processor = plan.base_model.clone();
+    let model = dummy_model(cfg)?;
+    let Some(tp) = &cfg.taskpool else { return Ok(None) };
+    match tp.kind {
+        TaskPoolKind::ClipVision => {}
+        TaskPoolKind::Dummy => return Ok(None),
+        _ => bail!("this task pool type is not available in this build (available: CLIPVisionModelTaskPool, dummy)"),
     }
-    for name in task_names {
-        let ds = DatasetRef::default_test(&name)
-            .with_context(|| format!("taskpool.test_datasets: unknown task `{name}` (known: {})", TA8.join(", ")))?;
-        plan.tasks.push((name, ds));
-    }
-    Ok(plan)
+    let base_model = tp
+        .clip_model
+        .as_ref()
+        .map(|m| m.path.clone())
+        .or_else(|| tp.base_model.clone())
+        .context("taskpool.base_model is not set")?;
+    let processor =
+        tp.processor.as_ref().map(|p| p.path.clone()).unwrap_or_else(|| base_model.clone());
+    let tasks = tp
+        .test_datasets
+        .iter()
+        .map(|(name, d)| {
+            (
+                name.clone(),
+                DatasetRef { id: d.path.clone(), config: d.name.clone(), split: d.split.clone() },
+            )
+        })
+        .collect();
+    Ok(Some(EvalPlan {
+        model,
+        base_model,
+        processor,
+        tasks,
+        batch_size: tp.batch_size,
+        fast_dev_run: tp.fast_dev_run.unwrap_or(cfg.fast_dev_run),
+        accelerator: cfg.fabric.accelerator.parse()?,
+        report_save_path: cfg.report_path().map(PathBuf::from),
+    }))
 }
 
 fn main() -> Result<()> {
@@ -92,12 +77,23 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("{USAGE}");
+    let composed = compose_from_args(&args, &default_config_dirs())?;
+    if composed.cfg().is_some() {
+        print!("{}", composed.to_yaml()?);
         return Ok(());
     }
-    let plan = plan_from_args(&args)?;
+    let cfg = composed.program_config()?;
+    if cfg.print_config || cfg.dry_run {
+        eprint!("{}", composed.to_yaml()?);
+    }
+    if cfg.dry_run {
+        return Ok(());
+    }
     let hub = Hub::default();
+    let Some(plan) = plan(&cfg)? else {
+        tracing::info!("no task pool to evaluate with: nothing to report");
+        return Ok(());
+    };
     tracing::info!(cache = %hub.cache().display(), model = %plan.model, base = %plan.base_model, "evaluating");
     let report = program::run(&plan, &hub)?;
     println!("{}", fusion_bench::report::to_python_json(&report));

@@ -27,24 +27,6 @@ pub struct DatasetRef {
     pub split: String,
 }
 
-impl DatasetRef {
-    /// The test split of the dataset FusionBench's config tree loads for `task`.
-    pub fn default_test(task: &str) -> Option<Self> {
-        let (id, config) = match tasks::canonical_name(task)? {
-            "sun397" => ("tanganke/sun397", None),
-            "stanford-cars" => ("tanganke/stanford_cars", None),
-            "resisc45" => ("tanganke/resisc45", None),
-            "eurosat" => ("tanganke/eurosat", None),
-            "svhn" => ("ufldl-stanford/svhn", Some("cropped_digits")),
-            "gtsrb" => ("tanganke/gtsrb", None),
-            "mnist" => ("ylecun/mnist", Some("mnist")),
-            "dtd" => ("tanganke/dtd", None),
-            _ => return None,
-        };
-        Some(Self { id: id.into(), config: config.map(Into::into), split: "test".into() })
-    }
-}
-
 /// What to evaluate and how.
 #[derive(Debug, Clone)]
 pub struct EvalPlan {
@@ -121,9 +103,12 @@ pub fn evaluate(
         let spec = tasks::task(name)?;
         let t0 = Instant::now();
         let head = zeroshot::zeroshot_head(base, &tokenizer, spec);
-        let dir = hub.resolve(&ds.id, RepoType::Dataset, None)?;
-        let data = ImageDataset::open(&dir, ds.config.as_deref(), &ds.split)
-            .with_context(|| format!("task `{name}`: opening dataset {} split {}", ds.id, ds.split))?;
+        let dir = hub.resolve_dataset(&ds.id)?;
+        let data = ImageDataset::load(&dir, ds.config.as_deref(), &ds.split, processor.clone())
+            .with_context(|| {
+                format!("task `{name}`: opening dataset {} split {}", ds.id, ds.split)
+            })?;
+        check_labels(name, &data, spec.classnames.len())?;
         let metrics = evaluate_task(name, &data, &processor, vision, base, &head, plan, device)?;
         tracing::info!(
             task = %name,
@@ -151,41 +136,84 @@ fn evaluate_task(
 ) -> Result<TaskMetrics> {
     let _guard = tch::no_grad_guard();
     let n = data.len();
-    let size = processor.output_size();
+    if !processor.do_center_crop {
+        anyhow::bail!(
+            "task `{name}`: the processor has do_center_crop=false; batches need one image size"
+        );
+    }
+    let size = (processor.crop_size.height, processor.crop_size.width);
     let mut metrics = TaskMetrics::default();
+    let bar = progress_bar(name, if plan.fast_dev_run { n.min(plan.batch_size) } else { n });
     let mut start = 0;
     while start < n {
         let end = (start + plan.batch_size).min(n);
         let (pixels, labels) = data
-            .decode_and_preprocess_batch(start..end, processor)
+            .decode_and_preprocess_batch(start..end)
             .with_context(|| format!("task `{name}`"))?;
         let b = (end - start) as i64;
-        let x = Tensor::from_slice(&pixels).view([b, 3, size.0 as i64, size.1 as i64]).to_device(device);
+        let x = Tensor::from_slice(&pixels)
+            .view([b, 3, size.0 as i64, size.1 as i64])
+            .to_device(device);
         let y = Tensor::from_slice(&labels).to_device(device);
         let logits = zeroshot::logits(&base.image_features(vision, &x), head, &base.logit_scale);
         let loss = logits.cross_entropy_for_logits(&y).double_value(&[]) as f32;
         let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
         metrics.add_batch(correct as u64, b as u64, loss);
+        bar.inc(b as u64);
         tracing::debug!(task = %name, done = end, of = n, "batch");
         start = end;
         if plan.fast_dev_run {
             break;
         }
     }
+    bar.finish_and_clear();
     Ok(metrics)
+}
+
+/// Every label must index a class of the task, or accuracy would silently be wrong.
+fn check_labels(task: &str, data: &ImageDataset, classes: usize) -> Result<()> {
+    if let Some(i) = data.labels().iter().position(|&l| l < 0 || l as usize >= classes) {
+        let (file, row) =
+            data.origin(i).map(|(f, r)| (f.display().to_string(), r)).unwrap_or_default();
+        anyhow::bail!(
+            "task `{task}`: label {} at row {row} of {file} is out of range (the task has {classes} classes)",
+            data.labels()[i]
+        );
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal; hidden (plain `tracing` lines only) when stderr is a file, as
+/// in Slurm output.
+fn progress_bar(task: &str, len: usize) -> indicatif::ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>16} [{bar:30}] {pos}/{len} images {per_sec} eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(task.to_string());
+    bar
 }
 
 /// Loads the model to evaluate as ordered vision weights.
 pub fn load_model(hub: &Hub, id: &str) -> Result<(crate::models::clip::VisionConfig, WeightMap)> {
     let dir = hub.resolve(id, RepoType::Model, None)?;
-    load_vision_weights(&dir).with_context(|| format!("loading model `{id}` from {}", dir.display()))
+    load_vision_weights(&dir)
+        .with_context(|| format!("loading model `{id}` from {}", dir.display()))
 }
 
 /// Runs the whole plan (FusionBench's `method=dummy`): evaluate, report, save.
 pub fn run(plan: &EvalPlan, hub: &Hub) -> Result<Value> {
     let device = crate::device::select(plan.accelerator)?;
     let (config, weights) = load_model(hub, &plan.model)?;
-    let vision = ClipVision::load(&Scope::new(&weights, device, Kind::Float).pp("vision_model"), &config)?;
+    let vision =
+        ClipVision::load(&Scope::new(&weights, device, Kind::Float).pp("vision_model"), &config)?;
     let base_dir = hub.resolve(&plan.base_model, RepoType::Model, None)?;
     let base = ClipModel::load(&base_dir, device)
         .with_context(|| format!("loading the task pool's base model `{}`", plan.base_model))?;

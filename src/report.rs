@@ -39,7 +39,8 @@ pub fn python_float_repr(x: f64) -> String {
         };
         format!("{sign}{s}")
     } else {
-        let m = if digits.len() == 1 { digits } else { format!("{}.{}", &digits[..1], &digits[1..]) };
+        let m =
+            if digits.len() == 1 { digits } else { format!("{}.{}", &digits[..1], &digits[1..]) };
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{m}e{esign}{:02}", exp.abs())
     }
@@ -140,7 +141,8 @@ mod tests {
 
     #[test]
     fn json_uses_python_separators() {
-        let v: Value = serde_json::from_str(r#"{"a": [1, 2.0, "é"], "b": {"accuracy": 0.5}}"#).unwrap();
+        let v: Value =
+            serde_json::from_str(r#"{"a": [1, 2.0, "é"], "b": {"accuracy": 0.5}}"#).unwrap();
         assert_eq!(to_python_json(&v), r#"{"a": [1, 2.0, "\u00e9"], "b": {"accuracy": 0.5}}"#);
     }
 }

@@ -73,7 +73,10 @@ fn unknown_activation_names_config_and_key() {
     v["hidden_act"] = "mystery_gelu".into();
     std::fs::write(&cfg, v.to_string()).unwrap();
     let e = error_of(&dir);
-    assert!(e.contains("config.json") && e.contains("hidden_act") && e.contains("mystery_gelu"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("hidden_act") && e.contains("mystery_gelu"),
+        "{e}"
+    );
     std::fs::write(&cfg, "{ not json").unwrap();
     let e = error_of(&dir);
     assert!(e.contains("config.json"), "{e}");

@@ -3,7 +3,7 @@
 //! `scripts/fixtures/extract_tasks.py`), zero-shot heads and evaluation metrics.
 
 pub mod metrics;
-// pub mod zeroshot; (enabled once the tokenizer lands)
+pub mod zeroshot;
 
 use serde::Deserialize;
 use std::collections::BTreeMap;

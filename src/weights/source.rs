@@ -76,11 +76,8 @@ impl<'a> Scope<'a> {
                 expected: shape.to_vec(),
             });
         }
-        let t = if t.is_floating_point() && t.kind() != self.kind {
-            t.to_kind(self.kind)
-        } else {
-            t
-        };
+        let t =
+            if t.is_floating_point() && t.kind() != self.kind { t.to_kind(self.kind) } else { t };
         Ok(if t.device() != self.device { t.to_device(self.device) } else { t })
     }
 }

@@ -304,8 +304,8 @@ fn vision_from_raw(path: &str, prefix: &str, r: RawVision) -> Result<VisionConfi
 
 fn read(path: &Path) -> Result<(String, String), ConfigError> {
     let p = path.display().to_string();
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: p.clone(), source })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Io { path: p.clone(), source })?;
     Ok((p, text))
 }
 
@@ -375,19 +375,33 @@ mod tests {
 
     #[test]
     fn defaults_fill_omitted_keys_and_errors_name_the_key() {
-        let c = ClipConfig::from_json("c.json", r#"{"model_type":"clip","text_config":{},"vision_config":{"patch_size":16}}"#).unwrap();
+        let c = ClipConfig::from_json(
+            "c.json",
+            r#"{"model_type":"clip","text_config":{},"vision_config":{"patch_size":16}}"#,
+        )
+        .unwrap();
         assert_eq!(c.vision.encoder.hidden_size, 768);
         assert_eq!(c.vision.num_positions(), 197);
         assert_eq!(c.text.encoder.activation, Activation::QuickGelu);
         assert_eq!(c.projection_dim, 512);
-        let v = VisionConfig::from_json("v.json", r#"{"hidden_size":1024,"num_attention_heads":16,"patch_size":14,"hidden_act":"gelu"}"#).unwrap();
+        let v = VisionConfig::from_json(
+            "v.json",
+            r#"{"hidden_size":1024,"num_attention_heads":16,"patch_size":14,"hidden_act":"gelu"}"#,
+        )
+        .unwrap();
         assert_eq!(v.num_positions(), 257);
         assert_eq!(v.encoder.activation, Activation::Gelu);
-        let e = VisionConfig::from_json("v.json", r#"{"hidden_act":"swiglu9"}"#).unwrap_err().to_string();
+        let e = VisionConfig::from_json("v.json", r#"{"hidden_act":"swiglu9"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("v.json") && e.contains("hidden_act") && e.contains("swiglu9"), "{e}");
-        let e = ClipConfig::from_json("c.json", r#"{"vision_config":{"num_attention_heads":5}}"#).unwrap_err().to_string();
+        let e = ClipConfig::from_json("c.json", r#"{"vision_config":{"num_attention_heads":5}}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vision_config.num_attention_heads"), "{e}");
-        let e = ClipConfig::from_json("c.json", r#"{"model_type":"clip_vision_model"}"#).unwrap_err().to_string();
+        let e = ClipConfig::from_json("c.json", r#"{"model_type":"clip_vision_model"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model_type"), "{e}");
     }
 }

@@ -14,6 +14,7 @@ pub mod vision;
 
 pub use config::{Activation, ClipConfig, ConfigError, TextConfig, VisionConfig};
 pub use text::ClipText;
+pub use tokenizer::{ClipTokenizer, TokenizerError};
 pub use vision::ClipVision;
 
 use crate::weights::{SafetensorsFile, Scope, WeightError, WeightMap, WeightSource};
@@ -59,9 +60,11 @@ impl CheckpointWeights {
         let files = if single.is_file() {
             vec![SafetensorsFile::open(&single)?]
         } else if index.is_file() {
-            let bad = |reason: String| ModelError::Index { path: index.display().to_string(), reason };
+            let bad =
+                |reason: String| ModelError::Index { path: index.display().to_string(), reason };
             let text = std::fs::read_to_string(&index).map_err(|e| bad(e.to_string()))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -106,7 +109,9 @@ pub fn load_vision_weights(dir: &Path) -> Result<(VisionConfig, WeightMap), Mode
     let weights = CheckpointWeights::open(dir)?;
     let scope = Scope::new(&weights, Device::Cpu, Kind::Float).pp("vision_model");
     let mut map = WeightMap::new();
-    for (name, shape) in vision::parameter_names(&config).iter().zip(vision::parameter_shapes(&config)) {
+    for (name, shape) in
+        vision::parameter_names(&config).iter().zip(vision::parameter_shapes(&config))
+    {
         map.insert(scope.path(name), scope.get(name, &shape)?);
     }
     Ok((config, map))
@@ -141,7 +146,8 @@ impl ClipModel {
             vision: ClipVision::load(&s.pp("vision_model"), &config.vision)?,
             visual_projection: s
                 .get("visual_projection.weight", &[p, config.vision.encoder.hidden_size])?,
-            text_projection: s.get("text_projection.weight", &[p, config.text.encoder.hidden_size])?,
+            text_projection: s
+                .get("text_projection.weight", &[p, config.text.encoder.hidden_size])?,
             logit_scale: s.get("logit_scale", &[])?,
             config,
         })
