@@ -1,0 +1,134 @@
+//! End to end: the `fusion_bench` binary, given FusionBench's own `method=dummy` command lines,
+//! reproduces FusionBench 0.2.33's reports on the bundled fixtures
+//! (`tests/fixtures/golden/fusionbench_dummy/*.json`, made by
+//! `scripts/fixtures/golden_fusionbench_dummy.sh`): same correct counts (accuracies equal), losses
+//! within 1e-5, same keys in the same order.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(hf_home: &Path, args: &[String]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
+        .args(args)
+        .env("HF_HOME", hf_home)
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HUGGINGFACE_HUB_CACHE")
+        .env("RUST_LOG", "warn")
+        .current_dir(root())
+        .output()
+        .expect("the binary runs")
+}
+
+fn dummy_args(model: &str, report: &Path) -> Vec<String> {
+    vec![
+        "method=dummy".into(),
+        "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_individual".into(),
+        format!("modelpool.models._pretrained_={model}"),
+        "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8".into(),
+        "fabric.accelerator=cpu".into(),
+        "print_config=false".into(),
+        format!("report_save_path={}", report.display()),
+    ]
+}
+
+fn compare(ours: &Value, theirs: &Value, what: &str) {
+    let (o, t) = (ours.as_object().unwrap(), theirs.as_object().unwrap());
+    let ok: Vec<_> = o.keys().collect();
+    let tk: Vec<_> = t.keys().collect();
+    assert_eq!(ok, tk, "{what}: report keys or their order differ");
+    assert_eq!(o["model_info"], t["model_info"], "{what}: model_info");
+    for key in tk.iter().filter(|k| **k != "model_info") {
+        let (a, b) = (&o[*key], &t[*key]);
+        assert_eq!(a["accuracy"], b["accuracy"], "{what}: {key} accuracy");
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((la - lb).abs() <= 1e-5, "{what}: {key} loss {la} vs FusionBench {lb}");
+    }
+}
+
+#[test]
+fn dummy_reports_match_fusionbench() {
+    let golden = root().join("tests/fixtures/golden/fusionbench_dummy");
+    let hf_home = root().join("tests/fixtures/hf_home");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    let mut entries: Vec<_> = std::fs::read_dir(&golden).unwrap().map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    for path in entries.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
+        let stem = path.file_stem().unwrap().to_str().unwrap();
+        if stem == "versions" {
+            continue;
+        }
+        let model = if stem == "clip-vit-base-patch32" {
+            "openai/clip-vit-base-patch32".to_string()
+        } else {
+            format!("tanganke/{stem}")
+        };
+        let report = tmp.path().join(format!("{stem}.json"));
+        let out = run(&hf_home, &dummy_args(&model, &report));
+        assert!(out.status.success(), "{model}: {}", String::from_utf8_lossy(&out.stderr));
+        let ours: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let theirs: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        compare(&ours, &theirs, &model);
+        n += 1;
+    }
+    assert!(n >= 9, "expected the pretrained and eight fine-tuned goldens, found {n}");
+}
+
+#[test]
+fn broken_dataset_names_dataset_and_file_and_writes_no_report() {
+    let src = root().join("tests/fixtures/hf_home");
+    let tmp = tempfile::tempdir().unwrap();
+    let hf_home = tmp.path().join("hf_home");
+    copy_dir(&src, &hf_home);
+    // Corrupt every parquet file of DTD (the last task) so that earlier tasks succeed first.
+    let dtd = hf_home.join("hub/datasets--tanganke--dtd");
+    let mut corrupted = 0;
+    for f in walk(&dtd).into_iter().filter(|p| p.to_string_lossy().contains("test-")) {
+        std::fs::write(&f, b"PAR1 this is not parquet PAR1").unwrap();
+        corrupted += 1;
+    }
+    assert!(corrupted > 0);
+    let report = tmp.path().join("out/report.json");
+    let out = run(&hf_home, &dummy_args("openai/clip-vit-base-patch32", &report));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tanganke/dtd") && err.contains("test-"), "{err}");
+    assert!(!report.exists(), "a failed run must not leave a report");
+
+    // A model missing from the cache is named, with the cache searched.
+    let out = run(&hf_home, &dummy_args("tanganke/not-a-model", &report));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tanganke/not-a-model") && err.contains("hub"), "{err}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
