@@ -64,6 +64,8 @@ fn plan(cfg: &ProgramConfig) -> Result<Option<EvalPlan>> {
         fast_dev_run: tp.fast_dev_run.unwrap_or(cfg.fast_dev_run),
         accelerator: cfg.fabric.accelerator.parse()?,
         report_save_path: cfg.report_path().map(PathBuf::from),
+        merged_model_save_path: cfg.merged_model_path().map(PathBuf::from),
+        seed: cfg.seed,
     }))
 }
 

@@ -46,6 +46,11 @@ pub struct EvalPlan {
     pub accelerator: Accelerator,
     /// Where to write the report JSON (FusionBench's `report_save_path`).
     pub report_save_path: Option<PathBuf>,
+    /// Where to save the resulting vision model as `save_pretrained` would
+    /// (FusionBench's `merged_model_save_path`).
+    pub merged_model_save_path: Option<PathBuf>,
+    /// The program's `seed`, recorded in the provenance file.
+    pub seed: Option<u64>,
 }
 
 /// Per-task results in config order.
@@ -212,6 +217,10 @@ pub fn load_model(hub: &Hub, id: &str) -> Result<(crate::models::clip::VisionCon
 pub fn run(plan: &EvalPlan, hub: &Hub) -> Result<Value> {
     let device = crate::device::select(plan.accelerator)?;
     let (config, weights) = load_model(hub, &plan.model)?;
+    if let Some(dir) = &plan.merged_model_save_path {
+        let source = hub.resolve(&plan.model, RepoType::Model, None)?.join("config.json");
+        save_vision_model(dir, &source, &weights)?;
+    }
     let vision =
         ClipVision::load(&Scope::new(&weights, device, Kind::Float).pp("vision_model"), &config)?;
     let base_dir = hub.resolve(&plan.base_model, RepoType::Model, None)?;
@@ -223,8 +232,58 @@ pub fn run(plan: &EvalPlan, hub: &Hub) -> Result<Value> {
     let report = result.report();
     if let Some(path) = &plan.report_save_path {
         save_report(&report, path)?;
+        save_provenance(plan, device, path)?;
     }
     Ok(report)
+}
+
+/// Saves vision weights as `CLIPVisionModel.save_pretrained` does: `config.json` (a
+/// `CLIPVisionConfig`, taken from the source checkpoint's config) and `model.safetensors`.
+pub fn save_vision_model(dir: &Path, source_config: &Path, weights: &WeightMap) -> Result<()> {
+    let text = std::fs::read_to_string(source_config)
+        .with_context(|| format!("reading {}", source_config.display()))?;
+    let root: Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", source_config.display()))?;
+    let mut vision = match root.get("vision_config") {
+        Some(v) => v.clone(),
+        None => root,
+    };
+    if let Some(m) = vision.as_object_mut() {
+        m.insert("architectures".into(), json!(["CLIPVisionModel"]));
+        m.insert("model_type".into(), json!("clip_vision_model"));
+        m.insert("torch_dtype".into(), json!("float32"));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&vision)? + "\n")
+        .with_context(|| format!("writing {}", dir.join("config.json").display()))?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    crate::weights::save_safetensors(weights, dir.join("model.safetensors"), Some(meta))?;
+    tracing::info!(path = %dir.display(), "model saved");
+    Ok(())
+}
+
+/// Writes `<report>.meta.json`: what produced the report (seed, versions, threads, device,
+/// determinism), kept apart so the report itself stays byte-compatible with FusionBench's.
+fn save_provenance(plan: &EvalPlan, device: Device, report: &Path) -> Result<()> {
+    let meta = json!({
+        "fusion_bench": env!("CARGO_PKG_VERSION"),
+        "libtorch": "2.11.0 (PyPI torch wheel), tch 0.24.0",
+        "model": plan.model,
+        "base_model": plan.base_model,
+        "seed": plan.seed,
+        "device": format!("{device:?}"),
+        "torch_threads": tch::get_num_threads(),
+        "decode_threads": rayon::current_num_threads(),
+        "batch_size": plan.batch_size,
+        "fast_dev_run": plan.fast_dev_run,
+        "deterministic": "evaluation is deterministic on CPU: fixed batch order, no sampling",
+    });
+    let mut name = report.as_os_str().to_owned();
+    name.push(".meta.json");
+    let path = PathBuf::from(name);
+    std::fs::write(&path, serde_json::to_string_pretty(&meta)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 /// Writes the report atomically (temp file, then rename): a crash never leaves a partial report

@@ -56,7 +56,8 @@ fn dummy_reports_match_fusionbench() {
     let hf_home = root().join("tests/fixtures/hf_home");
     let tmp = tempfile::tempdir().unwrap();
     let mut n = 0;
-    let mut entries: Vec<_> = std::fs::read_dir(&golden).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<_> =
+        std::fs::read_dir(&golden).unwrap().map(|e| e.unwrap().path()).collect();
     entries.sort();
     for path in entries.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
         let stem = path.file_stem().unwrap().to_str().unwrap();
@@ -131,4 +132,36 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(&p, &dest).unwrap();
         }
     }
+}
+
+#[test]
+fn dummy_saves_the_model_and_provenance_beside_the_report() {
+    let hf_home = root().join("tests/fixtures/hf_home");
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("r/report.json");
+    let saved = tmp.path().join("merged");
+    let model = "tanganke/clip-vit-base-patch32_mnist";
+    let mut args = dummy_args(model, &report);
+    args.push("fast_dev_run=true".into());
+    args.push(format!("merged_model_save_path={}", saved.display()));
+    args.push("seed=42".into());
+    let out = run(&hf_home, &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("r/report.json.meta.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["seed"], 42);
+    assert_eq!(meta["model"], model);
+    let (_, ours) = fusion_bench::models::clip::load_vision_weights(&saved).unwrap();
+    let hub = fusion_bench::hub::Hub::new(hf_home.join("hub"));
+    let src = hub.resolve(model, fusion_bench::hub::RepoType::Model, None).unwrap();
+    let (_, theirs) = fusion_bench::models::clip::load_vision_weights(&src).unwrap();
+    assert_eq!(ours.names(), theirs.names());
+    for (n, t) in theirs.iter() {
+        assert!(ours.get(n).unwrap().equal(t), "{n}");
+    }
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(saved.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "CLIPVisionModel");
 }
