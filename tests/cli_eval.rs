@@ -165,3 +165,48 @@ fn dummy_saves_the_model_and_provenance_beside_the_report() {
         serde_json::from_str(&std::fs::read_to_string(saved.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["architectures"][0], "CLIPVisionModel");
 }
+
+#[test]
+fn label_out_of_range_is_named_with_file_and_row() {
+    use arrow_array::{Array, Int64Array, RecordBatch};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::arrow::ArrowWriter;
+    use std::sync::Arc;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let hf_home = tmp.path().join("hf_home");
+    copy_dir(&root().join("tests/fixtures/hf_home"), &hf_home);
+    let file = walk(&hf_home.join("hub/datasets--ylecun--mnist"))
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("test-"))
+        .unwrap();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+    let schema = batches[0].schema();
+    let mut writer =
+        ArrowWriter::try_new(std::fs::File::create(&file).unwrap(), schema.clone(), None).unwrap();
+    for (bi, batch) in batches.iter().enumerate() {
+        let idx = schema.index_of("label").unwrap();
+        let labels = batch.column(idx).as_any().downcast_ref::<Int64Array>().unwrap();
+        let mut values: Vec<i64> = labels.values().to_vec();
+        if bi == 0 {
+            values[5] = 10; // MNIST has classes 0..=9
+        }
+        let mut cols: Vec<Arc<dyn Array>> = batch.columns().to_vec();
+        cols[idx] = Arc::new(Int64Array::from(values));
+        writer.write(&RecordBatch::try_new(schema.clone(), cols).unwrap()).unwrap();
+    }
+    writer.close().unwrap();
+    let report = tmp.path().join("out/report.json");
+    let out = run(&hf_home, &dummy_args("openai/clip-vit-base-patch32", &report));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("label 10 at row 5") && err.contains("test-00000-of-00001.parquet"),
+        "{err}"
+    );
+    assert!(!report.exists());
+}
