@@ -66,6 +66,7 @@ fn plan(cfg: &ProgramConfig) -> Result<Option<EvalPlan>> {
         report_save_path: cfg.report_path().map(PathBuf::from),
         merged_model_save_path: cfg.merged_model_path().map(PathBuf::from),
         seed: cfg.seed,
+        cache_dir: cfg.path.cache_dir.as_ref().map(PathBuf::from),
     }))
 }
 

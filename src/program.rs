@@ -51,6 +51,8 @@ pub struct EvalPlan {
     pub merged_model_save_path: Option<PathBuf>,
     /// The program's `seed`, recorded in the provenance file.
     pub seed: Option<u64>,
+    /// Where zero-shot heads are cached (FusionBench's `path.cache_dir`); `None` disables it.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Per-task results in config order.
@@ -107,7 +109,14 @@ pub fn evaluate(
     for (name, ds) in &plan.tasks {
         let spec = tasks::task(name)?;
         let t0 = Instant::now();
-        let head = zeroshot::zeroshot_head(base, &tokenizer, spec);
+        let head = zeroshot::cached_zeroshot_head(
+            plan.cache_dir.as_deref(),
+            &base_dir,
+            base,
+            &tokenizer,
+            name,
+            spec,
+        );
         let dir = hub.resolve_dataset(&ds.id)?;
         let data = ImageDataset::load(&dir, ds.config.as_deref(), &ds.split, processor.clone())
             .with_context(|| {

@@ -79,3 +79,28 @@ fn config_a_quick_gelu_matches_transformers() {
 fn config_b_gelu_matches_transformers() {
     run_config("openai/clip-vit-base-patch16", "clip_b.safetensors");
 }
+
+#[test]
+fn zeroshot_heads_are_cached_and_keyed_by_templates() {
+    use fusion_bench::models::clip::ClipTokenizer;
+    use fusion_bench::tasks::{task, zeroshot};
+    let dir = hub().resolve("openai/clip-vit-base-patch32", RepoType::Model, None).unwrap();
+    let clip = ClipModel::load(&dir, Device::Cpu).unwrap();
+    let tok = ClipTokenizer::from_dir(&dir).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let spec = task("mnist").unwrap().clone();
+    let fresh = zeroshot::zeroshot_head(&clip, &tok, &spec);
+    let first =
+        zeroshot::cached_zeroshot_head(Some(cache.path()), &dir, &clip, &tok, "mnist", &spec);
+    let files = || std::fs::read_dir(cache.path().join("zeroshot_heads")).unwrap().count();
+    assert_eq!(files(), 1);
+    let second =
+        zeroshot::cached_zeroshot_head(Some(cache.path()), &dir, &clip, &tok, "mnist", &spec);
+    assert!(first.equal(&fresh) && second.equal(&fresh));
+    let mut edited = spec.clone();
+    edited.templates.push("a drawing of the digit {}.".into());
+    let other =
+        zeroshot::cached_zeroshot_head(Some(cache.path()), &dir, &clip, &tok, "mnist", &edited);
+    assert_eq!(files(), 2, "an edited template list must not reuse the cached head");
+    assert!(!other.equal(&fresh));
+}

@@ -4,6 +4,9 @@
 
 use super::TaskSpec;
 use crate::models::clip::{l2_normalize, ClipModel, ClipTokenizer};
+use crate::weights::{save_safetensors, SafetensorsFile, WeightMap, WeightSource};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 /// The zero-shot head of `task` built with `clip`'s text tower, on `clip`'s device.
@@ -29,4 +32,67 @@ pub fn zeroshot_head(clip: &ClipModel, tokenizer: &ClipTokenizer, task: &TaskSpe
 pub fn logits(image_embeds: &Tensor, head: &Tensor, logit_scale: &Tensor) -> Tensor {
     let f = l2_normalize(image_embeds);
     (head.matmul(&f.tr()) * logit_scale.exp()).tr()
+}
+
+/// [`zeroshot_head`], cached on disk under `<cache_dir>/zeroshot_heads/`. The key covers the base
+/// model's files (path, size, modification time, `config.json`), the task's class names and
+/// templates and this program's version — so, unlike FusionBench's joblib cache, editing a
+/// template or replacing the checkpoint never returns a stale head. A cache that cannot be read
+/// or written is only a warning: the head is recomputed.
+pub fn cached_zeroshot_head(
+    cache_dir: Option<&Path>,
+    base_dir: &Path,
+    clip: &ClipModel,
+    tokenizer: &ClipTokenizer,
+    task_name: &str,
+    task: &TaskSpec,
+) -> Tensor {
+    let Some(file) = cache_dir.and_then(|d| cache_file(d, base_dir, task_name, task)) else {
+        return zeroshot_head(clip, tokenizer, task);
+    };
+    let device = clip.logit_scale.device();
+    if let Ok(f) = SafetensorsFile::open(&file) {
+        if let Ok(t) = f.tensor("head") {
+            tracing::debug!(task = task_name, file = %file.display(), "zero-shot head from cache");
+            return t.to_device(device);
+        }
+    }
+    let head = zeroshot_head(clip, tokenizer, task);
+    let mut map = WeightMap::new();
+    map.insert("head", head.shallow_clone());
+    let saved = file
+        .parent()
+        .map(std::fs::create_dir_all)
+        .transpose()
+        .map_err(|e| e.to_string())
+        .and_then(|_| save_safetensors(&map, &file, None).map_err(|e| e.to_string()));
+    if let Err(e) = saved {
+        tracing::warn!(file = %file.display(), error = %e, "could not cache the zero-shot head");
+    }
+    head
+}
+
+fn cache_file(
+    cache_dir: &Path,
+    base_dir: &Path,
+    task_name: &str,
+    task: &TaskSpec,
+) -> Option<PathBuf> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    env!("CARGO_PKG_VERSION").hash(&mut h);
+    std::fs::canonicalize(base_dir).ok()?.hash(&mut h);
+    std::fs::read(base_dir.join("config.json")).ok()?.hash(&mut h);
+    for entry in std::fs::read_dir(base_dir).ok()?.flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().ends_with(".safetensors") {
+            let meta = std::fs::metadata(entry.path()).ok()?;
+            (name, meta.len(), meta.modified().ok()).hash(&mut h);
+        }
+    }
+    (&task.classnames, &task.templates).hash(&mut h);
+    let safe: String = task_name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .collect();
+    Some(cache_dir.join("zeroshot_heads").join(format!("{safe}-{:016x}.safetensors", h.finish())))
 }

@@ -176,7 +176,12 @@ pub fn save_safetensors(
         let shape = t.size().iter().map(|&d| d as usize).collect();
         views.push((name.to_string(), Bytes { dtype, shape, data }));
     }
-    let tmp = path.with_extension("safetensors.partial");
+    // A name unique to this process and call, so concurrent writers never share a temp file.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}-{call}.partial", std::process::id()));
+    let tmp = PathBuf::from(tmp);
     safetensors::serialize_to_file(views.iter().map(|(n, b)| (n.as_str(), b)), metadata, &tmp)
         .map_err(|e| WeightError::Corrupt {
             path: tmp.display().to_string(),
