@@ -7,9 +7,12 @@
 //! `snapshots/<commit>/…` the files. The cache is found as `huggingface_hub` finds it:
 //! `HF_HUB_CACHE`, then `HUGGINGFACE_HUB_CACHE`, then `$HF_HOME/hub`, then
 //! `$XDG_CACHE_HOME/huggingface/hub`, then `~/.cache/huggingface/hub`.
-//! Nothing here touches the network.
+//! Nothing here touches the network; [`download`] (feature `download`) fills the cache.
 
 use std::path::{Path, PathBuf};
+
+#[cfg(feature = "download")]
+pub mod download;
 
 /// What kind of hub repository an id names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,9 +4,13 @@
 //! exactly as FusionBench composes its own (`fusion_bench --cfg job …` prints the result). The
 //! program then runs the method on the model pool and evaluates the result with the task pool.
 //! Methods available in this build: `dummy`.
+//!
+//! `fusion_bench --prefetch <overrides>` composes the same config and downloads every model and
+//! dataset it names into the hub cache instead of running (feature `download`).
 
 use anyhow::{bail, Context, Result};
 use fusion_bench::config::{compose_from_args, default_config_dirs, ProgramConfig, TaskPoolKind};
+use fusion_bench::data::cache::CropCache;
 use fusion_bench::hub::Hub;
 use fusion_bench::program::{self, DatasetRef, EvalPlan};
 use std::path::PathBuf;
@@ -67,7 +71,40 @@ fn plan(cfg: &ProgramConfig) -> Result<Option<EvalPlan>> {
         merged_model_save_path: cfg.merged_model_path().map(PathBuf::from),
         seed: cfg.seed,
         cache_dir: cfg.path.cache_dir.as_ref().map(PathBuf::from),
+        crop_cache: crop_cache(cfg)?,
     }))
+}
+
+/// The decoded-image cache under `path.cache_dir/images`, capped at
+/// `FUSION_BENCH_IMAGE_CACHE_GB` GiB (default 4; 0 disables it).
+fn crop_cache(cfg: &ProgramConfig) -> Result<Option<CropCache>> {
+    let gb: f64 = match std::env::var("FUSION_BENCH_IMAGE_CACHE_GB") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("FUSION_BENCH_IMAGE_CACHE_GB=`{v}` is not a number"))?,
+        Err(_) => 4.0,
+    };
+    Ok(match (&cfg.path.cache_dir, gb > 0.0) {
+        (Some(dir), true) => Some(CropCache::new(
+            PathBuf::from(dir).join("images"),
+            (gb * (1u64 << 30) as f64) as u64,
+        )),
+        _ => None,
+    })
+}
+
+/// `--prefetch`: download what `cfg` reads into the hub cache.
+#[cfg(feature = "download")]
+fn prefetch(cfg: &ProgramConfig) -> Result<()> {
+    use fusion_bench::hub::{cache_dir, download};
+    let (models, datasets) = download::config_repos(cfg);
+    download::prefetch(&models, &datasets, &cache_dir(), None)
+}
+
+#[cfg(not(feature = "download"))]
+fn prefetch(_: &ProgramConfig) -> Result<()> {
+    bail!("`--prefetch` needs network access, and this binary was built without the `download` feature (rebuild with default features)")
 }
 
 fn main() -> Result<()> {
@@ -79,13 +116,19 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let len = args.len();
+    args.retain(|a| a != "--prefetch");
+    let want_prefetch = args.len() != len;
     let composed = compose_from_args(&args, &default_config_dirs())?;
     if composed.cfg().is_some() {
         print!("{}", composed.to_yaml()?);
         return Ok(());
     }
     let cfg = composed.program_config()?;
+    if want_prefetch {
+        return prefetch(&cfg);
+    }
     if cfg.print_config || cfg.dry_run {
         eprint!("{}", composed.to_yaml()?);
     }

@@ -4,6 +4,8 @@
 //! This is FusionBench's `method=dummy` path (`CLIPVisionModelTaskPool.evaluate`); merging
 //! methods will hand their merged vision weights to the same [`evaluate`].
 
+use crate::data::cache::CropCache;
+use crate::data::preprocess::normalize_into;
 use crate::data::{ImageDataset, ImageProcessorConfig};
 use crate::device::Accelerator;
 use crate::hub::{Hub, RepoType};
@@ -53,6 +55,8 @@ pub struct EvalPlan {
     pub seed: Option<u64>,
     /// Where zero-shot heads are cached (FusionBench's `path.cache_dir`); `None` disables it.
     pub cache_dir: Option<PathBuf>,
+    /// The decoded-image cache (`<cache_dir>/images`), if enabled.
+    pub crop_cache: Option<CropCache>,
 }
 
 /// Per-task results in config order.
@@ -158,12 +162,30 @@ fn evaluate_task(
     let size = (processor.crop_size.height, processor.crop_size.width);
     let mut metrics = TaskMetrics::default();
     let bar = progress_bar(name, if plan.fast_dev_run { n.min(plan.batch_size) } else { n });
+    let cached = plan.crop_cache.as_ref().and_then(|c| c.open(data));
+    let mut writer = match (&cached, plan.fast_dev_run) {
+        (None, false) => plan.crop_cache.as_ref().and_then(|c| c.writer(data)),
+        _ => None,
+    };
+    let per_image = size.0 * size.1 * 3;
     let mut start = 0;
     while start < n {
         let end = (start + plan.batch_size).min(n);
-        let (pixels, labels) = data
-            .decode_and_preprocess_batch(start..end)
-            .with_context(|| format!("task `{name}`"))?;
+        let (pixels, labels) = match &cached {
+            Some(c) => (c.batch(start..end, processor), data.labels()[start..end].to_vec()),
+            None => {
+                let (crops, labels) =
+                    data.decode_crop_batch(start..end).with_context(|| format!("task `{name}`"))?;
+                if let Some(w) = writer.as_mut() {
+                    w.write(&crops)?;
+                }
+                let mut px = vec![0f32; crops.len()];
+                for (c, o) in crops.chunks_exact(per_image).zip(px.chunks_exact_mut(per_image)) {
+                    normalize_into(c, processor, o);
+                }
+                (px, labels)
+            }
+        };
         let b = (end - start) as i64;
         let x = Tensor::from_slice(&pixels)
             .view([b, 3, size.0 as i64, size.1 as i64])
@@ -179,6 +201,9 @@ fn evaluate_task(
         if plan.fast_dev_run {
             break;
         }
+    }
+    if let Some(w) = writer {
+        w.finish()?;
     }
     bar.finish_and_clear();
     Ok(metrics)

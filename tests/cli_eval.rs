@@ -210,3 +210,55 @@ fn label_out_of_range_is_named_with_file_and_row() {
     );
     assert!(!report.exists());
 }
+
+#[test]
+fn decoded_image_cache_is_filled_once_and_gives_the_same_report() {
+    let hf_home = root().join("tests/fixtures/hf_home");
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let entries = || -> Vec<PathBuf> {
+        std::fs::read_dir(cache.join("images"))
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    };
+    let mut reports = Vec::new();
+    for i in 0..2 {
+        let report = tmp.path().join(format!("report{i}.json"));
+        let mut args = dummy_args("tanganke/clip-vit-base-patch32_gtsrb", &report);
+        args.push(format!("path.cache_dir={}", cache.display()));
+        let out = Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
+            .args(&args)
+            .env("HF_HOME", &hf_home)
+            .env("RUST_LOG", "fusion_bench=debug")
+            .current_dir(root())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert_eq!(
+            err.matches("decoded images from cache").count(),
+            if i == 0 { 0 } else { 8 },
+            "{err}"
+        );
+        reports.push(std::fs::read_to_string(&report).unwrap());
+        let crops: Vec<_> =
+            entries().into_iter().filter(|p| p.extension().is_some_and(|e| e == "crops")).collect();
+        assert_eq!(crops.len(), 8, "one complete entry per task, no leftovers: {:?}", entries());
+    }
+    assert_eq!(reports[0], reports[1]);
+    // The cache is optional: disabled, nothing is written and the report is unchanged.
+    let off = tmp.path().join("off");
+    let report = tmp.path().join("report_off.json");
+    let mut args = dummy_args("tanganke/clip-vit-base-patch32_gtsrb", &report);
+    args.push(format!("path.cache_dir={}", off.display()));
+    let out = Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
+        .args(&args)
+        .env("HF_HOME", &hf_home)
+        .env("FUSION_BENCH_IMAGE_CACHE_GB", "0")
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!off.join("images").exists());
+    assert_eq!(std::fs::read_to_string(&report).unwrap(), reports[0]);
+}

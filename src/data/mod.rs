@@ -6,6 +6,7 @@
 //! `CLIPImageProcessor` bit for bit, and [`ImageDataset`] ties them together with parallel batch
 //! preprocessing. Nothing here depends on libtorch: batches are plain `Vec<f32>`.
 
+pub mod cache;
 pub mod files;
 pub mod image;
 pub mod parquet;
@@ -284,5 +285,53 @@ impl ImageDataset {
             pixels.extend_from_slice(v);
         }
         Ok((pixels, self.labels[range].to_vec()))
+    }
+
+    /// Decode, resize and centre-crop examples `range` in parallel (rayon), keeping their order:
+    /// the u8 HWC crops concatenated (what [`cache::CropCache`] stores), and the labels.
+    pub fn decode_crop_batch(&self, range: Range<usize>) -> Result<(Vec<u8>, Vec<i64>), DataError> {
+        self.check_range(range.clone())?;
+        let crops: Vec<Vec<u8>> = range
+            .clone()
+            .into_par_iter()
+            .map(|i| {
+                let img = self.decode(i)?;
+                preprocess::resize_and_crop(&img, &self.processor).map(|c| c.data).map_err(
+                    |source| {
+                        let (path, row) = self.where_(i);
+                        DataError::Preprocess { path, row, source }
+                    },
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        let expected = crops.first().map_or(0, Vec::len);
+        let mut out = Vec::with_capacity(expected * crops.len());
+        for (i, c) in range.clone().zip(&crops) {
+            if c.len() != expected {
+                let (path, row) = self.where_(i);
+                return Err(DataError::RaggedBatch { path, row, got: c.len(), expected });
+            }
+            out.extend_from_slice(c);
+        }
+        Ok((out, self.labels[range].to_vec()))
+    }
+
+    /// A fingerprint of the split's files (path, size, modification time) and of the
+    /// preprocessing settings that shape the crops: the decoded-image cache's key.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        env!("CARGO_PKG_VERSION").hash(&mut h);
+        for f in &self.files {
+            f.hash(&mut h);
+            if let Ok(m) = std::fs::metadata(f) {
+                (m.len(), m.modified().ok()).hash(&mut h);
+            }
+        }
+        self.len().hash(&mut h);
+        let p = &self.processor;
+        format!("{:?}", (&p.size, &p.crop_size, p.do_resize, p.resample, p.do_center_crop))
+            .hash(&mut h);
+        h.finish()
     }
 }

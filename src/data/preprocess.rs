@@ -290,8 +290,22 @@ impl ImageProcessorConfig {
 }
 
 /// Preprocess one RGB image into `pixel_values` (`[3, H, W]` f32, channels first), bit for bit as
-/// `CLIPImageProcessor(...)(images=[img])["pixel_values"][0]`.
+/// `CLIPImageProcessor(...)(images=[img])["pixel_values"][0]`: [`resize_and_crop`] then
+/// [`normalize`].
 pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<Vec<f32>, PreprocessError> {
+    let crop = resize_and_crop(img, cfg)?;
+    let mut out = vec![0f32; 3 * crop.height * crop.width];
+    normalize_into(&crop.data, cfg, &mut out);
+    Ok(out)
+}
+
+/// The u8 stages of preprocessing: shortest-edge bicubic resize and centre crop (zero padding
+/// where the image is smaller than the crop, as transformers pads before rescaling). The result
+/// is what the decoded-image cache stores.
+pub fn resize_and_crop(
+    img: &RgbImage,
+    cfg: &ImageProcessorConfig,
+) -> Result<RgbImage, PreprocessError> {
     if img.width == 0 || img.height == 0 {
         return Err(PreprocessError::EmptyImage { width: img.width, height: img.height });
     }
@@ -310,18 +324,6 @@ pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<Vec<f32>
     } else {
         img
     };
-    // Lookup table: the output value depends only on (channel, u8 value).
-    let mut lut = [[0f32; 256]; 3];
-    for (c, table) in lut.iter_mut().enumerate() {
-        for (v, out) in table.iter_mut().enumerate() {
-            let mut x =
-                if cfg.do_rescale { (v as f64 * cfg.rescale_factor) as f32 } else { v as f32 };
-            if cfg.do_normalize {
-                x = (x - cfg.image_mean[c]) / cfg.image_std[c];
-            }
-            *out = x;
-        }
-    }
     let (_, oh, ow) = cfg.output_shape(img.height, img.width);
     // Offsets of the crop window in the resized image (negative: zero padding, centred with the
     // padding's extra row/column on the top/left, as transformers' center_crop pads).
@@ -335,26 +337,43 @@ pub fn preprocess(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<Vec<f32>
         }
     };
     let (top, left) = (offset(src.height, oh), offset(src.width, ow));
-    let mut out = vec![0f32; 3 * oh * ow];
-    for c in 0..3 {
-        let plane = &mut out[c * oh * ow..(c + 1) * oh * ow];
-        for y in 0..oh {
-            let sy = y as i64 + top;
-            let row = &mut plane[y * ow..(y + 1) * ow];
-            if sy < 0 || sy >= src.height as i64 {
-                row.fill(lut[c][0]);
-                continue;
-            }
-            let line = &src.data[sy as usize * src.width * 3..(sy as usize + 1) * src.width * 3];
-            for (x, o) in row.iter_mut().enumerate() {
-                let sx = x as i64 + left;
-                *o = if sx < 0 || sx >= src.width as i64 {
-                    lut[c][0]
-                } else {
-                    lut[c][usize::from(line[sx as usize * 3 + c])]
-                };
+    let mut data = vec![0u8; oh * ow * 3];
+    for (y, row) in data.chunks_exact_mut(ow * 3).enumerate() {
+        let sy = y as i64 + top;
+        if sy < 0 || sy >= src.height as i64 {
+            continue;
+        }
+        let line = &src.data[sy as usize * src.width * 3..(sy as usize + 1) * src.width * 3];
+        for (x, px) in row.chunks_exact_mut(3).enumerate() {
+            let sx = x as i64 + left;
+            if sx >= 0 && sx < src.width as i64 {
+                px.copy_from_slice(&line[sx as usize * 3..sx as usize * 3 + 3]);
             }
         }
     }
-    Ok(out)
+    Ok(RgbImage { width: ow, height: oh, data })
+}
+
+/// Rescale and normalise a u8 HWC crop into `out`, f32 CHW (`out.len() == crop.len()`), exactly
+/// as transformers: `(v as f64 * rescale_factor) as f32`, then `(x - mean) / std` in f32.
+pub fn normalize_into(crop: &[u8], cfg: &ImageProcessorConfig, out: &mut [f32]) {
+    // Lookup table: the output value depends only on (channel, u8 value).
+    let mut lut = [[0f32; 256]; 3];
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (v, o) in table.iter_mut().enumerate() {
+            let mut x =
+                if cfg.do_rescale { (v as f64 * cfg.rescale_factor) as f32 } else { v as f32 };
+            if cfg.do_normalize {
+                x = (x - cfg.image_mean[c]) / cfg.image_std[c];
+            }
+            *o = x;
+        }
+    }
+    let n = crop.len() / 3;
+    for c in 0..3 {
+        let plane = &mut out[c * n..(c + 1) * n];
+        for (o, px) in plane.iter_mut().zip(crop.chunks_exact(3)) {
+            *o = lut[c][usize::from(px[c])];
+        }
+    }
 }

@@ -1,0 +1,151 @@
+//! The decoded-image cache: resized and centre-cropped u8 images of a whole split, one file per
+//! (dataset files, preprocessing) fingerprint, so a sweep that evaluates many models on the same
+//! tasks decodes each image once. Normalisation (cheap, exact) runs on every read.
+//!
+//! Layout: `<dir>/<fingerprint>.crops` = `n × h × w × 3` bytes, written to a temporary name while
+//! the first evaluation streams through the split and renamed when complete (a crash leaves no
+//! partial entry). The directory is capped in size: the least recently used entries go first.
+
+use super::{preprocess::normalize_into, DataError, ImageDataset, ImageProcessorConfig};
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// A size-capped directory of crop files.
+#[derive(Debug, Clone)]
+pub struct CropCache {
+    dir: PathBuf,
+    cap_bytes: u64,
+}
+
+/// A complete cached split, memory-mapped.
+pub struct CachedCrops {
+    mmap: memmap2::Mmap,
+    per_image: usize,
+}
+
+/// Streams the crops of a split into the cache during a first full pass.
+pub struct CropWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    expected: u64,
+    written: u64,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> DataError {
+    DataError::Io { path: path.display().to_string(), source: e }
+}
+
+impl CropCache {
+    /// A cache in `dir` holding at most `cap_bytes`.
+    pub fn new(dir: impl Into<PathBuf>, cap_bytes: u64) -> Self {
+        Self { dir: dir.into(), cap_bytes }
+    }
+
+    fn entry(&self, data: &ImageDataset) -> PathBuf {
+        self.dir.join(format!("{:016x}.crops", data.fingerprint()))
+    }
+
+    fn bytes_needed(data: &ImageDataset) -> Option<(usize, u64)> {
+        let cfg = data.processor();
+        if !cfg.do_center_crop {
+            return None; // crops of one size only
+        }
+        let per_image = cfg.crop_size.height * cfg.crop_size.width * 3;
+        Some((per_image, per_image as u64 * data.len() as u64))
+    }
+
+    /// The cached crops of `data`, if a complete entry exists.
+    pub fn open(&self, data: &ImageDataset) -> Option<CachedCrops> {
+        let (per_image, total) = Self::bytes_needed(data)?;
+        let path = self.entry(data);
+        let file = std::fs::File::open(&path).ok()?;
+        if file.metadata().ok()?.len() != total {
+            return None;
+        }
+        // SAFETY: entries are immutable once renamed into place.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+        let _ = file.set_modified(std::time::SystemTime::now()); // LRU order
+        tracing::debug!(path = %path.display(), "decoded images from cache");
+        Some(CachedCrops { mmap, per_image })
+    }
+
+    /// A writer for `data`'s crops, after evicting old entries to make room; `None` when the
+    /// split alone exceeds the cap or the directory cannot be written.
+    pub fn writer(&self, data: &ImageDataset) -> Option<CropWriter> {
+        let (_, total) = Self::bytes_needed(data)?;
+        if total > self.cap_bytes || std::fs::create_dir_all(&self.dir).is_err() {
+            return None;
+        }
+        self.evict(self.cap_bytes - total);
+        let dest = self.entry(data);
+        let tmp = dest.with_extension(format!("{}.partial", std::process::id()));
+        let file = std::fs::File::create(&tmp).ok()?;
+        Some(CropWriter {
+            file: std::io::BufWriter::new(file),
+            tmp,
+            dest,
+            expected: total,
+            written: 0,
+        })
+    }
+
+    /// Removes least recently used entries until at most `keep` bytes remain.
+    fn evict(&self, keep: u64) {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else { return };
+        let mut entries: Vec<(std::time::SystemTime, u64, PathBuf)> = dir
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "crops"))
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), e.path()))
+            })
+            .collect();
+        entries.sort();
+        let mut used: u64 = entries.iter().map(|e| e.1).sum();
+        for (_, len, path) in entries {
+            if used <= keep {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                used -= len;
+            }
+        }
+    }
+}
+
+impl CachedCrops {
+    /// Normalised `pixel_values` (`[n, 3, H, W]` f32, flattened) of examples `range`.
+    pub fn batch(&self, range: Range<usize>, cfg: &ImageProcessorConfig) -> Vec<f32> {
+        let mut out = vec![0f32; range.len() * self.per_image];
+        for (i, chunk) in range.zip(out.chunks_exact_mut(self.per_image)) {
+            normalize_into(&self.mmap[i * self.per_image..(i + 1) * self.per_image], cfg, chunk);
+        }
+        out
+    }
+}
+
+impl CropWriter {
+    /// Appends the next crops (in example order).
+    pub fn write(&mut self, crops: &[u8]) -> Result<(), DataError> {
+        self.written += crops.len() as u64;
+        self.file.write_all(crops).map_err(|e| io_err(&self.tmp, e))
+    }
+
+    /// Publishes the entry if every example was written; otherwise discards it.
+    pub fn finish(mut self) -> Result<(), DataError> {
+        self.file.flush().map_err(|e| io_err(&self.tmp, e))?;
+        if self.written != self.expected {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Ok(());
+        }
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| io_err(&self.dest, e))
+    }
+}
+
+impl Drop for CropWriter {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tmp); // no-op after a successful rename
+    }
+}
