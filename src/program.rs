@@ -5,7 +5,7 @@
 //! methods will hand their merged vision weights to the same [`evaluate`].
 
 use crate::data::cache::CropCache;
-use crate::data::preprocess::normalize_into;
+use crate::data::preprocess::normalize_batch;
 use crate::data::{ImageDataset, ImageProcessorConfig};
 use crate::device::Accelerator;
 use crate::hub::{Hub, RepoType};
@@ -167,7 +167,6 @@ fn evaluate_task(
         (None, false) => plan.crop_cache.as_ref().and_then(|c| c.writer(data)),
         _ => None,
     };
-    let per_image = size.0 * size.1 * 3;
     let mut start = 0;
     while start < n {
         let end = (start + plan.batch_size).min(n);
@@ -179,11 +178,7 @@ fn evaluate_task(
                 if let Some(w) = writer.as_mut() {
                     w.write(&crops)?;
                 }
-                let mut px = vec![0f32; crops.len()];
-                for (c, o) in crops.chunks_exact(per_image).zip(px.chunks_exact_mut(per_image)) {
-                    normalize_into(c, processor, o);
-                }
-                (px, labels)
+                (normalize_batch(&crops, end - start, processor), labels)
             }
         };
         let b = (end - start) as i64;

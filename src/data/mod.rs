@@ -261,30 +261,9 @@ impl ImageDataset {
         &self,
         range: Range<usize>,
     ) -> Result<(Vec<f32>, Vec<i64>), DataError> {
-        self.check_range(range.clone())?;
-        let results: Vec<Result<Vec<f32>, DataError>> = range
-            .clone()
-            .into_par_iter()
-            .map(|i| {
-                let img = self.decode(i)?;
-                preprocess(&img, &self.processor).map_err(|source| {
-                    let (path, row) = self.where_(i);
-                    DataError::Preprocess { path, row, source }
-                })
-            })
-            .collect();
-        // Report the first failing row in order, whichever thread saw it first.
-        let per_image = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let expected = per_image.first().map_or(0, Vec::len);
-        let mut pixels = Vec::with_capacity(expected * per_image.len());
-        for (i, v) in range.clone().zip(&per_image) {
-            if v.len() != expected {
-                let (path, row) = self.where_(i);
-                return Err(DataError::RaggedBatch { path, row, got: v.len(), expected });
-            }
-            pixels.extend_from_slice(v);
-        }
-        Ok((pixels, self.labels[range].to_vec()))
+        let n = range.len();
+        let (crops, labels) = self.decode_crop_batch(range)?;
+        Ok((preprocess::normalize_batch(&crops, n, &self.processor), labels))
     }
 
     /// Decode, resize and centre-crop examples `range` in parallel (rayon), keeping their order:

@@ -377,3 +377,14 @@ pub fn normalize_into(crop: &[u8], cfg: &ImageProcessorConfig, out: &mut [f32]) 
         }
     }
 }
+
+/// [`normalize_into`] over `n` concatenated crops of equal size: `[n, 3, H, W]` f32, flattened.
+pub fn normalize_batch(crops: &[u8], n: usize, cfg: &ImageProcessorConfig) -> Vec<f32> {
+    let mut out = vec![0f32; crops.len()];
+    if let Some(per_image) = crops.len().checked_div(n).filter(|&p| p > 0) {
+        for (c, o) in crops.chunks_exact(per_image).zip(out.chunks_exact_mut(per_image)) {
+            normalize_into(c, cfg, o);
+        }
+    }
+    out
+}
