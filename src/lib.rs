@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod hub;
+pub mod methods;
 pub mod models;
 pub mod program;
 pub mod report;

@@ -12,29 +12,21 @@ use anyhow::{bail, Context, Result};
 use fusion_bench::config::{compose_from_args, default_config_dirs, ProgramConfig, TaskPoolKind};
 use fusion_bench::data::cache::CropCache;
 use fusion_bench::hub::Hub;
+use fusion_bench::methods::{self, ModelPool};
 use fusion_bench::program::{self, DatasetRef, EvalPlan};
 use std::path::PathBuf;
 
-/// The model `method=dummy` returns: `_pretrained_` if the pool has it, else the first model
-/// (FusionBench's `load_pretrained_or_first_model`).
-fn dummy_model(cfg: &ProgramConfig) -> Result<String> {
-    let models = &cfg.modelpool.models;
-    models
-        .iter()
-        .find(|(name, _)| name == "_pretrained_")
-        .or_else(|| models.first())
-        .map(|(_, spec)| spec.path.clone())
-        .context("modelpool.models is empty: nothing to evaluate")
-}
-
 fn plan(cfg: &ProgramConfig) -> Result<Option<EvalPlan>> {
-    let method = cfg.method.option.as_deref().unwrap_or("");
-    if method != "dummy"
-        && cfg.method.target.as_deref() != Some("fusion_bench.method.DummyAlgorithm")
-    {
-        bail!("method `{method}` is not available in this build (available: dummy)");
-    }
-    let model = dummy_model(cfg)?;
+    let model = format!(
+        "method={} on {}",
+        cfg.method.option.as_deref().unwrap_or("?"),
+        cfg.modelpool
+            .models
+            .iter()
+            .map(|(n, m)| format!("{n}={}", m.path))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let Some(tp) = &cfg.taskpool else { return Ok(None) };
     match tp.kind {
         TaskPoolKind::ClipVision => {}
@@ -136,12 +128,25 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let hub = Hub::default();
+    let method = methods::build(&cfg.method)?;
+    let pool = ModelPool::from_config(&cfg.modelpool, &hub)?;
     let Some(plan) = plan(&cfg)? else {
+        let merged = method.run(&pool)?;
+        if let Some(dir) = cfg.merged_model_path() {
+            program::save_vision_model(
+                std::path::Path::new(&dir),
+                &pool.config_source(),
+                &merged.weights,
+            )?;
+        }
         tracing::info!("no task pool to evaluate with: nothing to report");
         return Ok(());
     };
+    let t0 = std::time::Instant::now();
+    let merged = method.run(&pool)?;
+    tracing::info!(seconds = t0.elapsed().as_secs_f64(), "method done");
     tracing::info!(cache = %hub.cache().display(), model = %plan.model, base = %plan.base_model, "evaluating");
-    let report = program::run(&plan, &hub)?;
+    let report = program::run(&plan, &hub, &pool, &merged)?;
     println!("{}", fusion_bench::report::to_python_json(&report));
     Ok(())
 }

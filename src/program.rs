@@ -9,7 +9,8 @@ use crate::data::preprocess::normalize_batch;
 use crate::data::{ImageDataset, ImageProcessorConfig};
 use crate::device::Accelerator;
 use crate::hub::{Hub, RepoType};
-use crate::models::clip::{load_vision_weights, ClipModel, ClipTokenizer, ClipVision};
+use crate::methods::{Merged, ModelPool};
+use crate::models::clip::{ClipModel, ClipTokenizer, ClipVision};
 use crate::tasks::{self, metrics::TaskMetrics, zeroshot};
 use crate::weights::{Scope, WeightMap};
 use anyhow::{Context, Result};
@@ -32,7 +33,7 @@ pub struct DatasetRef {
 /// What to evaluate and how.
 #[derive(Debug, Clone)]
 pub struct EvalPlan {
-    /// The vision model to evaluate (hub id or directory of a `CLIPVisionModel`/`CLIPModel`).
+    /// What is evaluated, for the provenance file (the method and the pool's models).
     pub model: String,
     /// The task pool's `base_model`: text tower, projections and logit scale.
     pub base_model: String,
@@ -235,29 +236,25 @@ fn progress_bar(task: &str, len: usize) -> indicatif::ProgressBar {
     bar
 }
 
-/// Loads the model to evaluate as ordered vision weights.
-pub fn load_model(hub: &Hub, id: &str) -> Result<(crate::models::clip::VisionConfig, WeightMap)> {
-    let dir = hub.resolve(id, RepoType::Model, None)?;
-    load_vision_weights(&dir)
-        .with_context(|| format!("loading model `{id}` from {}", dir.display()))
-}
-
-/// Runs the whole plan (FusionBench's `method=dummy`): evaluate, report, save.
-pub fn run(plan: &EvalPlan, hub: &Hub) -> Result<Value> {
+/// Evaluates merged vision weights as planned: save the model if asked, evaluate every task,
+/// write the report and its provenance.
+pub fn run(plan: &EvalPlan, hub: &Hub, pool: &ModelPool, merged: &Merged) -> Result<Value> {
     let device = crate::device::select(plan.accelerator)?;
-    let (config, weights) = load_model(hub, &plan.model)?;
+    let weights = &merged.weights;
     if let Some(dir) = &plan.merged_model_save_path {
-        let source = hub.resolve(&plan.model, RepoType::Model, None)?.join("config.json");
-        save_vision_model(dir, &source, &weights)?;
+        save_vision_model(dir, &pool.config_source(), weights)?;
     }
-    let vision =
-        ClipVision::load(&Scope::new(&weights, device, Kind::Float).pp("vision_model"), &config)?;
+    let vision = ClipVision::load(
+        &Scope::new(weights, device, Kind::Float).pp("vision_model"),
+        pool.config(),
+    )?;
     let base_dir = hub.resolve(&plan.base_model, RepoType::Model, None)?;
     let base = ClipModel::load(&base_dir, device)
         .with_context(|| format!("loading the task pool's base model `{}`", plan.base_model))?;
     let tasks = evaluate(plan, hub, &vision, &base, device)?;
     let all = weights.numel();
-    let result = EvalResult { tasks, all_params: all, trainable_params: all };
+    let trainable = if merged.trainable { all } else { 0 };
+    let result = EvalResult { tasks, all_params: all, trainable_params: trainable };
     let report = result.report();
     if let Some(path) = &plan.report_save_path {
         save_report(&report, path)?;

@@ -1,0 +1,57 @@
+//! Data-free merges equal FusionBench 0.2.33's bit for bit on the bundled fixtures: the seed's
+//! command lines with `taskpool=dummy merged_model_save_path=…`, against the merged models
+//! FusionBench saved (`scripts/fixtures/golden_fusionbench_merge.sh`).
+
+use fusion_bench::models::clip::load_vision_weights;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn merge_and_compare(golden: &str, method_args: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("merged");
+    let out = Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
+        .args(method_args)
+        .args([
+            "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8",
+            "taskpool=dummy",
+            "print_config=false",
+            "report_save_path=null",
+        ])
+        .arg(format!("merged_model_save_path={}", out_dir.display()))
+        .env("HF_HOME", root().join("tests/fixtures/hf_home"))
+        .env("RUST_LOG", "warn")
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, ours) = load_vision_weights(&out_dir).unwrap();
+    let want = root().join("tests/fixtures/golden/fusionbench_merge").join(golden);
+    let (_, theirs) = load_vision_weights(Path::new(&want)).unwrap();
+    assert_eq!(ours.names(), theirs.names());
+    for (name, t) in theirs.iter() {
+        let o = ours.get(name).unwrap();
+        assert!(
+            o.equal(t),
+            "{golden}: `{name}` differs, max |diff| {}",
+            (o - t).abs().max().double_value(&[])
+        );
+    }
+}
+
+#[test]
+fn simple_average_matches_fusionbench_bitwise() {
+    merge_and_compare("simple_average", &["method=simple_average"]);
+}
+
+#[test]
+fn task_arithmetic_matches_fusionbench_bitwise() {
+    merge_and_compare("task_arithmetic", &["method=task_arithmetic", "method.scaling_factor=0.3"]);
+    merge_and_compare(
+        "task_arithmetic_0.7",
+        &["method=task_arithmetic", "method.scaling_factor=0.7"],
+    );
+}
