@@ -13,12 +13,19 @@ fn root() -> PathBuf {
 }
 
 fn run(hf_home: &Path, args: &[String]) -> std::process::Output {
+    run_with_env(hf_home, args, &[])
+}
+
+/// Runs the binary from the repository root on the hub cache `hf_home`; `env` may override
+/// `RUST_LOG` (default `warn`) or add variables.
+fn run_with_env(hf_home: &Path, args: &[String], env: &[(&str, &str)]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
         .args(args)
         .env("HF_HOME", hf_home)
         .env_remove("HF_HUB_CACHE")
         .env_remove("HUGGINGFACE_HUB_CACHE")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .current_dir(root())
         .output()
         .expect("the binary runs")
@@ -226,13 +233,7 @@ fn decoded_image_cache_is_filled_once_and_gives_the_same_report() {
         let report = tmp.path().join(format!("report{i}.json"));
         let mut args = dummy_args("tanganke/clip-vit-base-patch32_gtsrb", &report);
         args.push(format!("path.cache_dir={}", cache.display()));
-        let out = Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
-            .args(&args)
-            .env("HF_HOME", &hf_home)
-            .env("RUST_LOG", "fusion_bench=debug")
-            .current_dir(root())
-            .output()
-            .unwrap();
+        let out = run_with_env(&hf_home, &args, &[("RUST_LOG", "fusion_bench=debug")]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{err}");
         assert_eq!(
@@ -251,13 +252,7 @@ fn decoded_image_cache_is_filled_once_and_gives_the_same_report() {
     let report = tmp.path().join("report_off.json");
     let mut args = dummy_args("tanganke/clip-vit-base-patch32_gtsrb", &report);
     args.push(format!("path.cache_dir={}", off.display()));
-    let out = Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
-        .args(&args)
-        .env("HF_HOME", &hf_home)
-        .env("FUSION_BENCH_IMAGE_CACHE_GB", "0")
-        .current_dir(root())
-        .output()
-        .unwrap();
+    let out = run_with_env(&hf_home, &args, &[("FUSION_BENCH_IMAGE_CACHE_GB", "0")]);
     assert!(out.status.success());
     assert!(!off.join("images").exists());
     assert_eq!(std::fs::read_to_string(&report).unwrap(), reports[0]);
