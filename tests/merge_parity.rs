@@ -55,3 +55,16 @@ fn task_arithmetic_matches_fusionbench_bitwise() {
         &["method=task_arithmetic", "method.scaling_factor=0.7"],
     );
 }
+
+#[test]
+fn ties_merging_matches_fusionbench_bitwise() {
+    let seed = ["method=ties_merging", "method.scaling_factor=0.3", "method.threshold=20"];
+    merge_and_compare("ties_merging", &seed);
+    let mean = [
+        "method=ties_merging",
+        "method.scaling_factor=0.5",
+        "method.threshold=0.3",
+        "method.merge_func=mean",
+    ];
+    merge_and_compare("ties_merging_mean_0.5", &mean);
+}

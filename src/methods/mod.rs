@@ -9,6 +9,7 @@ mod dummy;
 mod pool;
 mod simple_average;
 mod task_arithmetic;
+mod ties_merging;
 
 pub use pool::ModelPool;
 
@@ -40,8 +41,9 @@ pub fn build(cfg: &MethodConfig) -> Result<Box<dyn Method>> {
         "DummyAlgorithm" => Box::new(dummy::Dummy),
         "SimpleAverageAlgorithm" => Box::new(simple_average::SimpleAverage),
         "TaskArithmeticAlgorithm" => Box::new(task_arithmetic::TaskArithmetic::from_config(cfg)?),
+        "TiesMergingAlgorithm" => Box::new(ties_merging::TiesMerging::from_config(cfg)?),
         _ => bail!(
-            "method `{}` (_target_: {target}) is not available in this build (available: dummy, simple_average, task_arithmetic)",
+            "method `{}` (_target_: {target}) is not available in this build (available: dummy, simple_average, task_arithmetic, ties_merging)",
             cfg.option.as_deref().unwrap_or("?")
         ),
     })

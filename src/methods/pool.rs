@@ -70,6 +70,16 @@ impl ModelPool {
         Ok(Self { models, config, names, shapes })
     }
 
+    /// The merged tensors' names (`vision_model.…`) in `named_parameters()` order.
+    pub fn parameter_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The shape of tensor `name` in the pool's architecture.
+    pub fn shape(&self, name: &str) -> &[i64] {
+        &self.shapes[name]
+    }
+
     /// The shared vision architecture.
     pub fn config(&self) -> &VisionConfig {
         &self.config
