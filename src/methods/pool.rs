@@ -108,25 +108,24 @@ impl ModelPool {
         self.models.iter().filter(|(n, _)| !is_special(n)).map(|(n, d)| self.open(n, d)).collect()
     }
 
-    /// The directory whose `config.json` describes the merged model (pretrained, else first).
-    pub fn config_source(&self) -> PathBuf {
-        let (_, dir) = self
-            .models
+    /// `_pretrained_` if the pool has it, else its first model (`from_config` refuses an empty
+    /// pool).
+    fn pretrained_or_first(&self) -> &(String, PathBuf) {
+        self.models
             .iter()
             .find(|(n, _)| n == "_pretrained_")
             .or_else(|| self.models.first())
-            .expect("a pool is never empty");
-        dir.join("config.json")
+            .expect("a pool is never empty")
+    }
+
+    /// The directory whose `config.json` describes the merged model (pretrained, else first).
+    pub fn config_source(&self) -> PathBuf {
+        self.pretrained_or_first().1.join("config.json")
     }
 
     /// FusionBench's `load_pretrained_or_first_model`, as ordered vision weights.
     pub fn load_pretrained_or_first(&self) -> Result<WeightMap> {
-        let (name, dir) = self
-            .models
-            .iter()
-            .find(|(n, _)| n == "_pretrained_")
-            .or_else(|| self.models.first())
-            .expect("a pool is never empty");
+        let (name, dir) = self.pretrained_or_first();
         let ckpt = self.open(name, dir)?;
         self.merge_per_tensor(|n, _| ckpt.get(n))
     }
