@@ -13,6 +13,7 @@ pub mod hub;
 pub mod methods;
 pub mod models;
 pub mod program;
+pub mod progress;
 pub mod report;
 pub mod tasks;
 pub mod weights;

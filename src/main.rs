@@ -3,7 +3,8 @@
 //! The arguments are FusionBench's (Hydra's) overrides, composed over the YAML tree in `config/`
 //! exactly as FusionBench composes its own (`fusion_bench --cfg job …` prints the result). The
 //! program then runs the method on the model pool and evaluates the result with the task pool.
-//! Methods available in this build: `dummy`.
+//! Methods available in this build: `dummy`, `simple_average`, `task_arithmetic`,
+//! `ties_merging`, `task_vector_cos_similarity`.
 //!
 //! `fusion_bench --prefetch <overrides>` composes the same config and downloads every model and
 //! dataset it names into the hub cache instead of running (feature `download`).
@@ -128,18 +129,25 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let hub = Hub::default();
-    let method = methods::build(&cfg.method)?;
-    let pool = ModelPool::from_config(&cfg.modelpool, &hub)?;
+    let ctx = methods::Context { log_dir: cfg.path.log_dir.clone(), seed: cfg.seed };
+    let method = methods::build(&cfg.method, &ctx)?;
+    let mut pool = ModelPool::from_config(&cfg.modelpool, &hub)?;
     let Some(plan) = plan(&cfg)? else {
-        let merged = method.run(&pool)?;
-        if let Some(dir) = cfg.merged_model_path() {
-            program::save_vision_model(
-                std::path::Path::new(&dir),
-                &pool.config_source(),
-                &merged.weights,
-            )?;
+        // Nothing to evaluate: the merged model goes straight to disk, tensor by tensor.
+        let save_to = cfg.merged_model_path().map(PathBuf::from);
+        if let Some(dir) = &save_to {
+            pool.stream_merged_to(&dir.join("model.safetensors"));
         }
-        tracing::info!("no task pool to evaluate with: nothing to report");
+        let t0 = std::time::Instant::now();
+        method.run(&pool)?;
+        tracing::info!(seconds = t0.elapsed().as_secs_f64(), "method done");
+        match &save_to {
+            Some(dir) => {
+                program::save_vision_config(dir, &pool.config_source())?;
+                tracing::info!(path = %dir.display(), "model saved");
+            }
+            None => tracing::info!("no task pool to evaluate with: nothing to report"),
+        }
         return Ok(());
     };
     let t0 = std::time::Instant::now();

@@ -162,7 +162,11 @@ fn evaluate_task(
     }
     let size = (processor.crop_size.height, processor.crop_size.width);
     let mut metrics = TaskMetrics::default();
-    let bar = progress_bar(name, if plan.fast_dev_run { n.min(plan.batch_size) } else { n });
+    let bar = crate::progress::bar(
+        name,
+        if plan.fast_dev_run { n.min(plan.batch_size) } else { n },
+        "images",
+    );
     let cached = plan.crop_cache.as_ref().and_then(|c| c.open(data));
     let mut writer = match (&cached, plan.fast_dev_run) {
         (None, false) => plan.crop_cache.as_ref().and_then(|c| c.writer(data)),
@@ -218,24 +222,6 @@ fn check_labels(task: &str, data: &ImageDataset, classes: usize) -> Result<()> {
     Ok(())
 }
 
-/// A progress bar on a terminal; hidden (plain `tracing` lines only) when stderr is a file, as
-/// in Slurm output.
-fn progress_bar(task: &str, len: usize) -> indicatif::ProgressBar {
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>16} [{bar:30}] {pos}/{len} images {per_sec} eta {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    bar.set_message(task.to_string());
-    bar
-}
-
 /// Evaluates merged vision weights as planned: save the model if asked, evaluate every task,
 /// write the report and its provenance.
 pub fn run(plan: &EvalPlan, hub: &Hub, pool: &ModelPool, merged: &Merged) -> Result<Value> {
@@ -266,6 +252,18 @@ pub fn run(plan: &EvalPlan, hub: &Hub, pool: &ModelPool, merged: &Merged) -> Res
 /// Saves vision weights as `CLIPVisionModel.save_pretrained` does: `config.json` (a
 /// `CLIPVisionConfig`, taken from the source checkpoint's config) and `model.safetensors`.
 pub fn save_vision_model(dir: &Path, source_config: &Path, weights: &WeightMap) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    crate::weights::save_safetensors(weights, dir.join("model.safetensors"), Some(meta))
+        .with_context(|| format!("saving the model to {}", dir.display()))?;
+    save_vision_config(dir, source_config)?;
+    tracing::info!(path = %dir.display(), "model saved");
+    Ok(())
+}
+
+/// Writes the `config.json` of a saved `CLIPVisionModel` (see [`save_vision_model`]) from the
+/// source checkpoint's config.
+pub fn save_vision_config(dir: &Path, source_config: &Path) -> Result<()> {
     let text = std::fs::read_to_string(source_config)
         .with_context(|| format!("reading {}", source_config.display()))?;
     let root: Value = serde_json::from_str(&text)
@@ -282,9 +280,6 @@ pub fn save_vision_model(dir: &Path, source_config: &Path, weights: &WeightMap) 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&vision)? + "\n")
         .with_context(|| format!("writing {}", dir.join("config.json").display()))?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    crate::weights::save_safetensors(weights, dir.join("model.safetensors"), Some(meta))?;
-    tracing::info!(path = %dir.display(), "model saved");
     Ok(())
 }
 

@@ -127,6 +127,10 @@ pub(crate) fn value_key(
         }
         if out.len() == 1 && out[0] == "method" && rest.len() == 1 {
             let method = choices.iter().find(|(g, _)| g == "method").map(|(_, c)| c.as_str());
+            // The choice may still be the stale option name (`task_vector_cos_similarity`).
+            let method = method.map(|c| {
+                METHOD_ALIASES.iter().find(|(old, _)| *old == c).map_or(c, |(_, new)| *new)
+            });
             for (m, old, new) in KEY_RENAMES {
                 if Some(*m) == method && rest[0] == *old && node.child(new).is_some() {
                     tracing::warn!("method.{old} was renamed to method.{new}");

@@ -4,10 +4,11 @@
 use crate::config::ModelPoolConfig;
 use crate::hub::{Hub, RepoType};
 use crate::models::clip::{vision, CheckpointWeights, VisionConfig};
-use crate::weights::{WeightMap, WeightSource};
+use crate::weights::{non_finite, SafetensorsWriter, WeightMap, WeightSource};
 use anyhow::{bail, Context, Result};
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use tch::{Kind, Tensor};
 
 /// One opened checkpoint of the pool.
@@ -15,10 +16,18 @@ pub struct Checkpoint {
     name: String,
     weights: CheckpointWeights,
     shapes: HashMap<String, Vec<i64>>,
+    /// Tensors already found finite (a method may read a tensor in several passes).
+    finite: Mutex<HashSet<String>>,
 }
 
 impl Checkpoint {
-    /// The tensor `name` (`vision_model.…`) as float32, checked against the pool's architecture.
+    /// The model's name in the pool (`sun397`, `_pretrained_`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tensor `name` (`vision_model.…`) as float32, checked against the pool's architecture
+    /// and for NaN or infinite values (an error naming the model and tensor).
     pub fn get(&self, name: &str) -> Result<Tensor> {
         let t = self.weights.tensor(name).with_context(|| format!("model `{}`", self.name))?;
         if let Some(shape) = self.shapes.get(name) {
@@ -31,7 +40,18 @@ impl Checkpoint {
                 );
             }
         }
-        Ok(if t.kind() == Kind::Float { t } else { t.to_kind(Kind::Float) })
+        let t = if t.kind() == Kind::Float { t } else { t.to_kind(Kind::Float) };
+        let mut finite = self.finite.lock().unwrap_or_else(|e| e.into_inner());
+        if !finite.contains(name) {
+            if let Some((at, count)) = non_finite(&t) {
+                bail!(
+                    "model `{}`: tensor `{name}` has {count} non-finite value(s) (NaN or ±inf), the first at flat index {at}; a merge of it would be meaningless",
+                    self.name
+                );
+            }
+            finite.insert(name.to_string());
+        }
+        Ok(t)
     }
 }
 
@@ -41,6 +61,8 @@ pub struct ModelPool {
     config: VisionConfig,
     names: Vec<String>,
     shapes: HashMap<String, Vec<i64>>,
+    /// Where merged tensors are streamed instead of being kept (`model.safetensors`).
+    stream_to: Option<PathBuf>,
 }
 
 fn is_special(name: &str) -> bool {
@@ -67,7 +89,7 @@ impl ModelPool {
         let names: Vec<String> =
             vision::parameter_names(&config).iter().map(|n| format!("vision_model.{n}")).collect();
         let shapes = names.iter().cloned().zip(vision::parameter_shapes(&config)).collect();
-        Ok(Self { models, config, names, shapes })
+        Ok(Self { models, config, names, shapes, stream_to: None })
     }
 
     /// The merged tensors' names (`vision_model.…`) in `named_parameters()` order.
@@ -92,7 +114,12 @@ impl ModelPool {
                 bail!("model `{name}` ({}) has no tensor `{n}`", dir.display());
             }
         }
-        Ok(Checkpoint { name: name.to_string(), weights, shapes: self.shapes.clone() })
+        Ok(Checkpoint {
+            name: name.to_string(),
+            weights,
+            shapes: self.shapes.clone(),
+            finite: Mutex::new(HashSet::new()),
+        })
     }
 
     /// The `_pretrained_` model; an error naming the pool when there is none.
@@ -130,17 +157,44 @@ impl ModelPool {
         self.merge_per_tensor(|n, _| ckpt.get(n))
     }
 
+    /// From now on, [`merge_per_tensor`](Self::merge_per_tensor) streams its tensors into the
+    /// safetensors file `path` (written to a temporary name and renamed when the merge
+    /// completes) instead of keeping them: the merge then holds one tensor of output at a time.
+    pub fn stream_merged_to(&mut self, path: &Path) {
+        self.stream_to = Some(path.to_path_buf());
+    }
+
     /// Builds a map in `named_parameters()` order by calling `merge(name, shape)` once per
     /// tensor: inputs are read from the mmap when asked for and freed when `merge` returns.
+    /// When the pool streams its output ([`stream_merged_to`](Self::stream_merged_to)), each
+    /// tensor goes to the file as soon as it is merged and the returned map is empty.
     pub fn merge_per_tensor(
         &self,
         mut merge: impl FnMut(&str, &[i64]) -> Result<Tensor>,
     ) -> Result<WeightMap> {
         let _guard = tch::no_grad_guard();
+        let mut writer = match &self.stream_to {
+            Some(path) => {
+                let entries =
+                    self.names.iter().map(|n| (n.clone(), self.shapes[n].clone())).collect();
+                let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+                Some(SafetensorsWriter::create(path, entries, Some(meta))?)
+            }
+            None => None,
+        };
+        let bar = crate::progress::bar("merging", self.names.len(), "tensors");
         let mut out = WeightMap::new();
         for name in &self.names {
             let t = merge(name, &self.shapes[name])?;
-            out.insert(name.clone(), t);
+            match writer.as_mut() {
+                Some(w) => w.write(name, &t)?,
+                None => out.insert(name.clone(), t),
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        if let Some(w) = writer {
+            w.finish()?;
         }
         Ok(out)
     }

@@ -6,9 +6,31 @@
 
 mod safetensors_io;
 mod source;
+mod stream_writer;
 
 pub use safetensors_io::{save_safetensors, SafetensorsFile};
 pub use source::{Scope, WeightSource};
+pub use stream_writer::SafetensorsWriter;
+
+/// The flat index of the first NaN or ±inf of a float32 tensor, and how many there are; `None`
+/// when all values are finite. Other dtypes are checked through a float32 copy.
+pub fn non_finite(t: &Tensor) -> Option<(usize, usize)> {
+    let owned;
+    let data = match stream_writer::f32_slice(t) {
+        Some(d) => d,
+        None => {
+            owned = t.detach().to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).contiguous();
+            stream_writer::f32_slice(&owned)?
+        }
+    };
+    // Exponent bits all set: NaN or infinity. A branch-free count first (vectorises), then the
+    // position only when something was found.
+    let bad = data.iter().filter(|x| x.to_bits() & 0x7f80_0000 == 0x7f80_0000).count();
+    if bad == 0 {
+        return None;
+    }
+    data.iter().position(|x| !x.is_finite()).map(|i| (i, bad))
+}
 
 use std::collections::HashMap;
 use tch::Tensor;

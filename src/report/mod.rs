@@ -2,7 +2,30 @@
 //! separators `", "` and `": "`, no indent, Python `repr` floats (`1e-05`, `0.5`, `1.0`),
 //! `NaN`/`Infinity` for non-finite values.
 
+pub mod heatmap;
+
 use serde_json::Value;
+use std::path::Path;
+
+/// Writes `bytes` to `path` through a temporary file beside it, synced and renamed, so a crash
+/// never leaves a partial file under `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.partial", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
 
 /// Formats `x` as Python's `repr(float)`: the shortest digits that round-trip, in fixed notation
 /// when the decimal exponent is in `-5 < e < 16`, else `d.ddde±XX`.
@@ -145,4 +168,34 @@ mod tests {
             serde_json::from_str(r#"{"a": [1, 2.0, "é"], "b": {"accuracy": 0.5}}"#).unwrap();
         assert_eq!(to_python_json(&v), r#"{"a": [1, 2.0, "\u00e9"], "b": {"accuracy": 0.5}}"#);
     }
+}
+
+/// A square matrix labelled by `names` as pandas' `DataFrame(m, index=names,
+/// columns=names).to_csv()` writes it: a header row `,a,b,…`, then `name,v1,v2,…` per row, floats
+/// as Python's `repr`, fields with commas or quotes quoted.
+pub fn matrix_csv(names: &[String], m: &[Vec<f64>]) -> String {
+    let field = |s: &str| {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    };
+    let mut out = String::new();
+    for n in names {
+        out.push(',');
+        out.push_str(&field(n));
+    }
+    out.push('\n');
+    for (name, row) in names.iter().zip(m) {
+        out.push_str(&field(name));
+        for &v in row {
+            out.push(',');
+            if !v.is_nan() {
+                out.push_str(&python_float_repr(v));
+            }
+        }
+        out.push('\n');
+    }
+    out
 }
