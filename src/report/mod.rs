@@ -137,6 +137,36 @@ fn write_string(s: &str, out: &mut String) {
     out.push('"');
 }
 
+/// A square matrix labelled by `names` as pandas' `DataFrame(m, index=names,
+/// columns=names).to_csv()` writes it: a header row `,a,b,…`, then `name,v1,v2,…` per row, floats
+/// as Python's `repr`, fields with commas or quotes quoted.
+pub fn matrix_csv(names: &[String], m: &[Vec<f64>]) -> String {
+    let field = |s: &str| {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    };
+    let mut out = String::new();
+    for n in names {
+        out.push(',');
+        out.push_str(&field(n));
+    }
+    out.push('\n');
+    for (name, row) in names.iter().zip(m) {
+        out.push_str(&field(name));
+        for &v in row {
+            out.push(',');
+            if !v.is_nan() {
+                out.push_str(&python_float_repr(v));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,34 +198,4 @@ mod tests {
             serde_json::from_str(r#"{"a": [1, 2.0, "é"], "b": {"accuracy": 0.5}}"#).unwrap();
         assert_eq!(to_python_json(&v), r#"{"a": [1, 2.0, "\u00e9"], "b": {"accuracy": 0.5}}"#);
     }
-}
-
-/// A square matrix labelled by `names` as pandas' `DataFrame(m, index=names,
-/// columns=names).to_csv()` writes it: a header row `,a,b,…`, then `name,v1,v2,…` per row, floats
-/// as Python's `repr`, fields with commas or quotes quoted.
-pub fn matrix_csv(names: &[String], m: &[Vec<f64>]) -> String {
-    let field = |s: &str| {
-        if s.contains([',', '"', '\n', '\r']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.to_string()
-        }
-    };
-    let mut out = String::new();
-    for n in names {
-        out.push(',');
-        out.push_str(&field(n));
-    }
-    out.push('\n');
-    for (name, row) in names.iter().zip(m) {
-        out.push_str(&field(name));
-        for &v in row {
-            out.push(',');
-            if !v.is_nan() {
-                out.push_str(&python_float_repr(v));
-            }
-        }
-        out.push('\n');
-    }
-    out
 }
