@@ -21,6 +21,32 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The float32 values of tensor `name`, read in place from the mapped file when it is stored
+    /// as F32 (else a converted copy), with its shape checked against the pool's architecture.
+    /// Unlike [`get`](Self::get), values are not checked for NaN or ±inf here: kernels that read
+    /// through this check what they compute and call [`non_finite_error`] to name the culprit.
+    pub fn values(&self, name: &str) -> Result<std::borrow::Cow<'_, [f32]>> {
+        match self.weights.f32_slice(name) {
+            Some((values, shape)) => {
+                if let Some(want) = self.shapes.get(name) {
+                    if &shape != want {
+                        bail!(
+                            "model `{}`: tensor `{name}` has shape {shape:?}, but the pool's first model has {want:?}",
+                            self.name
+                        );
+                    }
+                }
+                Ok(std::borrow::Cow::Borrowed(values))
+            }
+            None => {
+                let t = self.get(name)?.contiguous();
+                let mut v = vec![0f32; t.numel()];
+                t.f_copy_data(&mut v, t.numel())?;
+                Ok(std::borrow::Cow::Owned(v))
+            }
+        }
+    }
+
     /// The model's name in the pool (`sun397`, `_pretrained_`).
     pub fn name(&self) -> &str {
         &self.name
@@ -53,6 +79,38 @@ impl Checkpoint {
         }
         Ok(t)
     }
+}
+
+/// The error for a merge of tensor `name` that produced a NaN or ±inf: names the first of
+/// `inputs` holding one, or says the arithmetic overflowed when none does.
+pub fn non_finite_error(name: &str, inputs: &[&Checkpoint]) -> anyhow::Error {
+    for c in inputs {
+        match c.get(name) {
+            Err(e) => return e,
+            Ok(_) => continue,
+        }
+    }
+    anyhow::anyhow!(
+        "merging tensor `{name}` overflowed float32 (the inputs are finite but the result is not)"
+    )
+}
+
+/// A new float32 CPU tensor of `shape` and its values as a mutable slice, for kernels that fill
+/// it in place.
+pub fn output_tensor(shape: &[i64]) -> Tensor {
+    Tensor::empty(shape, (Kind::Float, tch::Device::Cpu))
+}
+
+/// The values of a tensor made by [`output_tensor`], to be filled.
+pub fn output_values(t: &mut Tensor) -> &mut [f32] {
+    assert!(t.kind() == Kind::Float && t.is_contiguous() && t.device() == tch::Device::Cpu);
+    let n = t.numel();
+    if n == 0 {
+        return &mut [];
+    }
+    // SAFETY: a contiguous CPU float32 tensor of `n` elements, borrowed mutably for the slice's
+    // lifetime, so nothing else reads or writes it meanwhile.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) }
 }
 
 /// The pool: `(name, local directory)` in config order and the shared vision architecture.

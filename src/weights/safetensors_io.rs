@@ -91,6 +91,23 @@ impl SafetensorsFile {
         self.metadata.info(name).map(|i| i.shape.iter().map(|&d| d as i64).collect())
     }
 
+    /// The values of an F32 tensor `name` read in place from the mapped file (no copy), with its
+    /// shape; `None` when the tensor is absent, not F32, or not 4-byte aligned in the map.
+    pub fn f32_slice(&self, name: &str) -> Option<(&[f32], Vec<i64>)> {
+        let info = self.metadata.info(name)?;
+        if info.dtype != Dtype::F32 {
+            return None;
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = &self.mmap[self.data_start + start..self.data_start + end];
+        // SAFETY: every bit pattern is a valid f32; `align_to` only yields the aligned middle.
+        let (head, values, tail) = unsafe { bytes.align_to::<f32>() };
+        if !head.is_empty() || !tail.is_empty() || cfg!(target_endian = "big") {
+            return None;
+        }
+        Some((values, info.shape.iter().map(|&d| d as i64).collect()))
+    }
+
     /// Reads every tensor whose name starts with `prefix`, in file order.
     pub fn load_prefixed(&self, prefix: &str) -> Result<WeightMap, WeightError> {
         let mut map = WeightMap::new();

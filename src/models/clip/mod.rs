@@ -53,6 +53,12 @@ pub struct CheckpointWeights {
 }
 
 impl CheckpointWeights {
+    /// The F32 values and shape of `name`, in place in the mapped file (see
+    /// [`SafetensorsFile::f32_slice`]).
+    pub fn f32_slice(&self, name: &str) -> Option<(&[f32], Vec<i64>)> {
+        self.files.iter().find(|f| f.contains(name)).and_then(|f| f.f32_slice(name))
+    }
+
     /// Opens `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let single = dir.join("model.safetensors");
