@@ -11,16 +11,19 @@ fn root() -> PathBuf {
 }
 
 fn merge_and_compare(golden: &str, method_args: &[&str]) {
+    merge_and_compare_with(golden, method_args, &["taskpool=dummy"]);
+}
+
+/// With `taskpool=dummy` the merge streams to disk; with a task pool it is kept in memory for
+/// the evaluation and saved from there: both paths must give FusionBench's tensors.
+fn merge_and_compare_with(golden: &str, method_args: &[&str], taskpool: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = tmp.path().join("merged");
     let out = Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
         .args(method_args)
-        .args([
-            "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8",
-            "taskpool=dummy",
-            "print_config=false",
-            "report_save_path=null",
-        ])
+        .args(["modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8", "print_config=false"])
+        .args(taskpool)
+        .arg(format!("report_save_path={}", tmp.path().join("report.json").display()))
         .arg(format!("merged_model_save_path={}", out_dir.display()))
         .env("HF_HOME", root().join("tests/fixtures/hf_home"))
         .env("RUST_LOG", "warn")
@@ -67,4 +70,36 @@ fn ties_merging_matches_fusionbench_bitwise() {
         "method.merge_func=mean",
     ];
     merge_and_compare("ties_merging_mean_0.5", &mean);
+    let max = [
+        "method=ties_merging",
+        "method.scaling_factor=0.7",
+        "method.threshold=50",
+        "method.merge_func=max",
+    ];
+    merge_and_compare("ties_merging_max_0.7", &max);
+}
+
+#[test]
+fn merges_kept_in_memory_for_evaluation_match_too() {
+    let eval = [
+        "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
+        "~taskpool.test_datasets.sun397",
+        "~taskpool.test_datasets.stanford-cars",
+        "~taskpool.test_datasets.resisc45",
+        "~taskpool.test_datasets.svhn",
+        "~taskpool.test_datasets.gtsrb",
+        "~taskpool.test_datasets.mnist",
+        "~taskpool.test_datasets.dtd",
+        "fast_dev_run=true",
+    ];
+    merge_and_compare_with(
+        "ties_merging",
+        &["method=ties_merging", "method.scaling_factor=0.3", "method.threshold=20"],
+        &eval,
+    );
+    merge_and_compare_with(
+        "task_arithmetic",
+        &["method=task_arithmetic", "method.scaling_factor=0.3"],
+        &eval,
+    );
 }

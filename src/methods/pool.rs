@@ -228,7 +228,18 @@ impl ModelPool {
     /// tensor goes to the file as soon as it is merged and the returned map is empty.
     pub fn merge_per_tensor(
         &self,
+        merge: impl FnMut(&str, &[i64]) -> Result<Tensor>,
+    ) -> Result<WeightMap> {
+        self.merge_per_tensor_then_patch(merge, || Ok(Vec::new()))
+    }
+
+    /// [`merge_per_tensor`](Self::merge_per_tensor), then `patch` gives values to overwrite once
+    /// every tensor is merged: `(tensor index in parameter_names(), [(flat element index,
+    /// value)])`. Streamed output is patched in the file before it is renamed into place.
+    pub fn merge_per_tensor_then_patch(
+        &self,
         mut merge: impl FnMut(&str, &[i64]) -> Result<Tensor>,
+        patch: impl FnOnce() -> Result<Vec<(usize, Vec<(usize, f32)>)>>,
     ) -> Result<WeightMap> {
         let _guard = tch::no_grad_guard();
         let mut writer = match &self.stream_to {
@@ -251,8 +262,29 @@ impl ModelPool {
             bar.inc(1);
         }
         bar.finish_and_clear();
-        if let Some(w) = writer {
-            w.finish()?;
+        let patches = patch()?;
+        match writer {
+            Some(mut w) => {
+                for (i, values) in &patches {
+                    w.patch(*i, values)?;
+                }
+                let t0 = std::time::Instant::now();
+                w.finish()?;
+                tracing::debug!(
+                    seconds = t0.elapsed().as_secs_f64(),
+                    "merged file synced and renamed"
+                );
+            }
+            None => {
+                for (i, values) in &patches {
+                    let mut t =
+                        out.get(&self.names[*i]).expect("every tensor is merged").shallow_clone();
+                    let data = output_values(&mut t);
+                    for &(j, v) in values {
+                        data[j] = v;
+                    }
+                }
+            }
         }
         Ok(out)
     }

@@ -8,9 +8,9 @@
 
 use super::pool::{non_finite_error, output_tensor, output_values};
 use super::{Merged, Method, ModelPool};
-use rayon::prelude::*;
 use crate::config::MethodConfig;
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 
 /// Elements per work unit: small enough to stay in a core's cache with the inputs streaming by.
 const CHUNK: usize = 1 << 14;
@@ -47,8 +47,7 @@ impl Method for TaskArithmetic {
         let lambda = self.scaling_factor as f32;
         let weights = pool.merge_per_tensor(|name, shape| {
             let theta0 = base.values(name)?;
-            let thetas =
-                models.iter().map(|m| m.values(name)).collect::<Result<Vec<_>>>()?;
+            let thetas = models.iter().map(|m| m.values(name)).collect::<Result<Vec<_>>>()?;
             let mut out = output_tensor(shape);
             let values = output_values(&mut out);
             let finite = values

@@ -1,20 +1,36 @@
 //! `method=ties_merging` (FusionBench's `TiesMergingAlgorithm`; Yadav et al. 2023, TIES-Merging,
 //! <https://arxiv.org/abs/2306.01708>), streamed: the models × parameters matrix is never built.
 //!
-//! 1. Trim: per task vector τᵢ = θᵢ − θ₀, keep entries with |τᵢ| ≥ the k-th smallest |τᵢ| over the
-//!    *whole* flattened model (k = D − ⌊D·K⌋, K = threshold/100 when threshold > 1). One pass per
-//!    task, holding one model's worth of |τᵢ|.
-//! 2. Elect: γ = sign(Σᵢ τ̂ᵢ) per coordinate; zeros take the sign of Σ γ over all coordinates
-//!    (a second pass, which also counts that sum).
+//! FusionBench's algorithm, on the flattened (sorted-key) task vectors τᵢ = θᵢ − θ₀:
+//! 1. Trim: keep entries with |τᵢ| ≥ the k-th smallest |τᵢ| over the *whole* model
+//!    (k = D − ⌊D·K⌋, K = threshold/100 when threshold > 1), giving τ̂ᵢ.
+//! 2. Elect: γ = sign(Σᵢ τ̂ᵢ) per coordinate; zeros take the sign of Σ γ over all coordinates.
 //! 3. Disjoint merge (FusionBench's default `merge_func: sum`, or `mean`/`max`) of the entries
-//!    agreeing with γ, then θ = θ₀ + λ·τₘ (a third pass, one tensor name at a time).
+//!    agreeing with γ, then θ = θ₀ + λ·τₘ.
 //!
-//! The float32 operations are FusionBench's, on the same values, so results match bit for bit.
+//! Here it takes two passes over the mapped checkpoints, each tensor read in place:
+//! - Pass A: a histogram per task of |τᵢ|'s float32 bit patterns (which order like the values),
+//!   keyed by their top bits. It tells which bin holds each task's k-th value and its rank there.
+//! - Pass B: the merge itself. An entry outside its task's threshold bin is decided (kept above,
+//!   trimmed below); entries inside it are collected, and their coordinates, with those whose
+//!   elected sign is 0 (they depend on the global majority sign) and the few in libtorch's
+//!   reduction tail (below), are set aside as exceptions. All other coordinates are final.
+//!
+//! Then each task's exact k-th value is selected among its bin's entries, the exceptions are
+//! computed exactly (adding their signs to the global total first) and patched into the output.
+//!
+//! Memory: one histogram per task, the bin entries, the exceptions, and one tensor of output at a
+//! time when it streams to disk.
+//!
+//! Every float32 operation is FusionBench's, on the same values and in libtorch's order, so the
+//! result is bit-identical.
 
+use super::pool::{non_finite_error, output_tensor, output_values};
 use super::{Merged, Method, ModelPool};
 use crate::config::MethodConfig;
 use anyhow::{bail, Context, Result};
-use tch::{Kind, Tensor};
+use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// How the elected entries are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,98 +81,344 @@ impl TiesMerging {
 
 impl Method for TiesMerging {
     fn run(&self, pool: &ModelPool) -> Result<Merged> {
-        let _guard = tch::no_grad_guard();
         let base = pool.pretrained()?;
         let models = pool.task_models()?;
         if models.is_empty() {
             bail!("ties_merging: the model pool has no fine-tuned models");
         }
         let names = pool.parameter_names();
-        // Pass 1: each task's trim threshold over its whole flattened task vector.
+        let d: i64 = names.iter().map(|n| pool.shape(n).iter().product::<i64>()).sum();
         let k_frac = if self.threshold > 1.0 { self.threshold / 100.0 } else { self.threshold };
-        let mut kth = Vec::with_capacity(models.len());
-        for m in &models {
-            let parts = names
-                .iter()
-                .map(|n| Ok((m.get(n)? - base.get(n)?).reshape([-1]).abs()))
-                .collect::<Result<Vec<Tensor>>>()?;
-            let flat = Tensor::cat(&parts, 0);
-            let d = flat.size()[0];
-            let k = d - (d as f64 * k_frac) as i64;
-            kth.push(flat.kthvalue(k.max(1), 0, false).0.double_value(&[]));
-        }
-        let trimmed = |n: &str| -> Result<Tensor> {
-            let theta0 = base.get(n)?;
-            let rows = models
-                .iter()
-                .zip(&kth)
-                .map(|(m, &t)| {
-                    let tau = m.get(n)? - &theta0;
-                    let mask = tau.abs().ge(t);
-                    Ok(tau * mask)
+        // FusionBench: k = d - int(d * K), the k-th smallest |τ| (1-based) is the threshold.
+        let k = (d - (d as f64 * k_frac) as i64).max(1) as u64;
+
+        let t0 = std::time::Instant::now();
+        // Pass A: per-task histograms of |τ| bit patterns.
+        let mut hist = vec![vec![0u32; BINS]; models.len()];
+        let bar = crate::progress::bar("ties: thresholds", names.len(), "tensors");
+        for name in names {
+            let theta0 = base.values(name)?;
+            let results: Vec<bool> = hist
+                .par_iter_mut()
+                .zip(models.par_iter())
+                .map(|(h, m)| -> Result<bool> {
+                    let theta = m.values(name)?;
+                    let mut finite = true;
+                    for (&x, &b) in theta.iter().zip(theta0.iter()) {
+                        let bits = (x - b).abs().to_bits();
+                        finite &= bits < 0x7f80_0000;
+                        h[(bits >> SHIFT) as usize] += 1;
+                    }
+                    Ok(finite)
                 })
-                .collect::<Result<Vec<Tensor>>>()?;
-            Ok(Tensor::stack(&rows, 0))
-        };
-        let tails = tail_starts(pool);
-        // Pass 2: the sum of all elected signs decides the sign of ties.
-        let mut sign_total = 0f64;
-        for n in names {
-            let sign = column_sum(&trimmed(n)?.reshape([models.len() as i64, -1]), tails[n]).sign();
-            sign_total += sign.sum(Kind::Float).double_value(&[]);
+                .collect::<Result<_>>()?;
+            if results.iter().any(|ok| !ok) {
+                let mut inputs = vec![&base];
+                inputs.extend(models.iter());
+                return Err(non_finite_error(name, &inputs));
+            }
+            bar.inc(1);
         }
-        let majority = sign_total.signum() * f64::from(u8::from(sign_total != 0.0));
-        // Pass 3: disjoint merge and θ₀ + λ·τₘ.
-        let weights = pool.merge_per_tensor(|n, _| {
-            let shape = base.get(n)?.size();
-            let v = trimmed(n)?.reshape([models.len() as i64, -1]);
-            let tail = tails[n];
-            let mut gamma = column_sum(&v, tail).sign();
-            let zeros = gamma.eq(0.0);
-            gamma = gamma.masked_fill(&zeros, majority);
-            let keep = v.gt(0.0).where_self(&gamma.unsqueeze(0).gt(0.0), &v.lt(0.0));
-            let selected = &v * keep;
-            let merged = match self.merge_func {
-                MergeFunc::Sum => column_sum(&selected, tail),
-                MergeFunc::Mean => {
-                    let counts = selected
-                        .ne(0.0)
-                        .sum_dim_intlist(0, false, Kind::Int64)
-                        .to_kind(Kind::Float);
-                    column_sum(&selected, tail) / counts.clamp_min(1.0)
+        bar.finish_and_clear();
+        // The bin holding the k-th value, and the value's rank (1-based) inside it.
+        let bins: Vec<(u32, u64)> = hist
+            .iter()
+            .map(|h| {
+                let mut below = 0u64;
+                for (bin, &c) in h.iter().enumerate() {
+                    if below + c as u64 >= k {
+                        return (bin as u32, k - below);
+                    }
+                    below += c as u64;
                 }
-                MergeFunc::Max => selected.abs().amax(0, false) * &gamma,
-            };
-            Ok(base.get(n)? + (merged * self.scaling_factor).reshape(shape.as_slice()))
-        })?;
+                unreachable!("the histograms count all d >= k entries")
+            })
+            .collect();
+        drop(hist);
+        tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "ties: pass A (thresholds' bins)");
+
+        // Pass B: the merge of every decided coordinate.
+        let lambda = self.scaling_factor as f32;
+        let tails = tail_starts(pool);
+        let merge_func = self.merge_func;
+        let state = std::cell::RefCell::new(PassB {
+            candidates: vec![Vec::new(); models.len()],
+            exceptions: Vec::new(),
+            sign_total: 0,
+            index: 0,
+        });
+        let weights = pool.merge_per_tensor_then_patch(
+            |name, shape| {
+                let theta0 = base.values(name)?;
+                let thetas = models.iter().map(|m| m.values(name)).collect::<Result<Vec<_>>>()?;
+                let tail = tails[name] as usize;
+                let mut out = output_tensor(shape);
+                let values = output_values(&mut out);
+                let parts: Vec<ChunkResult> = values
+                    .par_chunks_mut(CHUNK)
+                    .enumerate()
+                    .map(|(c, out)| {
+                        let at = c * CHUNK;
+                        merge_chunk(&thetas, &theta0, at, out, &bins, tail, lambda, merge_func)
+                    })
+                    .collect();
+                let mut st = state.borrow_mut();
+                let mut exc = Vec::new();
+                for p in parts {
+                    st.sign_total += p.sign_total;
+                    for (t, v) in p.candidates.into_iter().enumerate() {
+                        st.candidates[t].extend(v);
+                    }
+                    exc.extend(p.exceptions);
+                }
+                let index = st.index;
+                if !exc.is_empty() {
+                    st.exceptions.push((index, exc));
+                }
+                st.index += 1;
+                Ok(out)
+            },
+            || {
+                tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "ties: pass B (merge)");
+                let mut st = state.borrow_mut();
+                let PassB { candidates, exceptions, sign_total, .. } = &mut *st;
+                // The exact thresholds, then the exceptions.
+                let kth: Vec<f32> = candidates
+                    .iter_mut()
+                    .zip(&bins)
+                    .map(|(c, &(_, rank))| {
+                        let r = rank as usize - 1;
+                        let (_, v, _) = c.select_nth_unstable(r);
+                        f32::from_bits(*v)
+                    })
+                    .collect();
+                let mut fixed = Vec::with_capacity(exceptions.len());
+                let mut gammas = Vec::with_capacity(exceptions.len());
+                for (i, coords) in exceptions.iter() {
+                    let name = &names[*i];
+                    let theta0 = base.values(name)?;
+                    let thetas =
+                        models.iter().map(|m| m.values(name)).collect::<Result<Vec<_>>>()?;
+                    let tail = tails[name] as usize;
+                    let g: Vec<(usize, Vec<f32>, f32)> = coords
+                        .iter()
+                        .map(|&j| {
+                            let v: Vec<f32> = thetas
+                                .iter()
+                                .zip(&kth)
+                                .map(|(t, &kth)| {
+                                    let tau = t[j] - theta0[j];
+                                    tau * f32::from(u8::from(tau.abs() >= kth))
+                                })
+                                .collect();
+                            let s = column_sum(&v, j >= tail);
+                            (j, v, sign(s))
+                        })
+                        .collect();
+                    *sign_total += g.iter().map(|(_, _, s)| *s as i64).sum::<i64>();
+                    gammas.push((*i, g));
+                }
+                let majority = sign_total.signum() as f32;
+                for (i, g) in gammas {
+                    let name = &names[i];
+                    let theta0 = base.values(name)?;
+                    let tail = tails[name] as usize;
+                    let patches: Vec<(usize, f32)> = g
+                        .into_iter()
+                        .map(|(j, v, s)| {
+                            let gamma = if s == 0.0 { majority } else { s };
+                            let agg = disjoint(&v, gamma, j >= tail, merge_func);
+                            (j, theta0[j] + lambda * agg)
+                        })
+                        .collect();
+                    if patches.iter().any(|(_, x)| !x.is_finite()) {
+                        return Err(anyhow::anyhow!(
+                            "merging tensor `{name}` overflowed float32 (the inputs are finite but the result is not)"
+                        ));
+                    }
+                    fixed.push((i, patches));
+                }
+                tracing::debug!(
+                    exceptions = fixed.iter().map(|(_, p)| p.len()).sum::<usize>(),
+                    "ties: exceptional coordinates patched"
+                );
+                Ok(fixed)
+            },
+        )?;
         Ok(Merged { weights, trainable: true })
     }
 }
 
-/// `v.sum(dim=0)` of FusionBench's `[T, D]` matrix, column by column, in libtorch's CPU order:
-/// its vectorised outer-reduction kernel adds rows left to right, except the last `D mod 32`
-/// columns of the flattened (sorted-key) model, which its scalar tail sums with four accumulators
-/// (`acc[i % 4] += rᵢ`, then `((acc₀ + acc₁) + acc₂) + acc₃`). `v` is this tensor's `[T, n]`
-/// slice; its columns from `tail_start` on lie in that tail.
-fn column_sum(v: &Tensor, tail_start: i64) -> Tensor {
-    let t = v.size()[0];
-    let rows: Vec<Tensor> = (0..t).map(|i| v.get(i)).collect();
-    let mut sum = rows[0].copy();
-    for r in &rows[1..] {
-        sum += r;
-    }
-    let n = v.size()[1];
-    if tail_start < n {
-        let len = n - tail_start;
-        let tail: Vec<Tensor> = rows.iter().map(|r| r.narrow(0, tail_start, len)).collect();
-        let mut acc: Vec<Tensor> = (0..4).map(|_| tail[0].zeros_like()).collect();
-        for (i, r) in tail.iter().enumerate() {
-            acc[i % 4] += r;
+/// Bits of a bin key: |τ| bit patterns shifted right by [`SHIFT`] (2¹⁹ bins of 4096 patterns).
+const SHIFT: u32 = 12;
+const BINS: usize = 1 << (31 - SHIFT);
+/// Elements per work unit of pass B.
+const CHUNK: usize = 1 << 12;
+
+/// torch.sign on float32 (0 for ±0).
+fn sign(x: f32) -> f32 {
+    f32::from(u8::from(x > 0.0)) - f32::from(u8::from(x < 0.0))
+}
+
+/// libtorch's `sum(dim=0)` of one column of FusionBench's `[T, D]` matrix: rows added left to
+/// right, except in the reduction tail (the last `D mod 32` columns of the flattened model),
+/// where four accumulators starting at 0 take rows `i % 4` and are added `((a₀+a₁)+a₂)+a₃`.
+fn column_sum(v: &[f32], in_tail: bool) -> f32 {
+    if in_tail {
+        let mut acc = [0f32; 4];
+        for (i, x) in v.iter().enumerate() {
+            acc[i % 4] += x;
         }
-        let total = ((&acc[0] + &acc[1]) + &acc[2]) + &acc[3];
-        sum.narrow(0, tail_start, len).copy_(&total);
+        ((acc[0] + acc[1]) + acc[2]) + acc[3]
+    } else {
+        let mut s = v[0];
+        for x in &v[1..] {
+            s += x;
+        }
+        s
     }
-    sum
+}
+
+/// The disjoint merge of one coordinate's trimmed entries `v` under elected sign `gamma`.
+fn disjoint(v: &[f32], gamma: f32, in_tail: bool, func: MergeFunc) -> f32 {
+    let keep = |x: f32| if gamma > 0.0 { x > 0.0 } else { x < 0.0 };
+    let selected: Vec<f32> = v.iter().map(|&x| x * f32::from(u8::from(keep(x)))).collect();
+    match func {
+        MergeFunc::Sum => column_sum(&selected, in_tail),
+        MergeFunc::Mean => {
+            let count = selected.iter().filter(|x| **x != 0.0).count() as f32;
+            column_sum(&selected, in_tail) / count.max(1.0)
+        }
+        MergeFunc::Max => selected.iter().fold(0f32, |m, x| m.max(x.abs())) * gamma,
+    }
+}
+
+/// Pass B's state across tensors: each task's threshold-bin entries, the exceptional
+/// coordinates `(tensor index, local indices)`, the signs' total over decided coordinates.
+struct PassB {
+    candidates: Vec<Vec<u32>>,
+    exceptions: Vec<(usize, Vec<usize>)>,
+    sign_total: i64,
+    index: usize,
+}
+
+/// What one chunk of pass B leaves for the global steps.
+struct ChunkResult {
+    sign_total: i64,
+    candidates: Vec<Vec<u32>>,
+    exceptions: Vec<usize>,
+}
+
+/// Pass B on elements `at..at + out.len()` of one tensor: writes every decided coordinate's
+/// merged value and reports the rest. Written as loops over contiguous rows so they vectorise;
+/// each element still sees FusionBench's float32 operations in FusionBench's order.
+#[allow(clippy::too_many_arguments)]
+fn merge_chunk(
+    thetas: &[Cow<'_, [f32]>],
+    theta0: &[f32],
+    at: usize,
+    out: &mut [f32],
+    bins: &[(u32, u64)],
+    tail: usize,
+    lambda: f32,
+    func: MergeFunc,
+) -> ChunkResult {
+    let n = out.len();
+    let t = thetas.len();
+    let b = &theta0[at..at + n];
+    // Trimmed entries τ̂ (task-major); an entry in its task's threshold bin is undecided.
+    let mut v = vec![0f32; t * n];
+    let mut undecided = vec![0u8; n];
+    let mut candidates = vec![Vec::new(); t];
+    for (ti, theta) in thetas.iter().enumerate() {
+        let bin = bins[ti].0;
+        let row = &mut v[ti * n..(ti + 1) * n];
+        let x = &theta[at..at + n];
+        let mut any = 0u8;
+        for j in 0..n {
+            let tau = x[j] - b[j];
+            let key = tau.abs().to_bits() >> SHIFT;
+            row[j] = tau * f32::from(u8::from(key > bin));
+            let here = u8::from(key == bin);
+            undecided[j] |= here;
+            any |= here;
+        }
+        if any != 0 {
+            for j in 0..n {
+                let bits = (x[j] - b[j]).abs().to_bits();
+                if bits >> SHIFT == bin {
+                    candidates[ti].push(bits);
+                }
+            }
+        }
+    }
+    // γ = sign(Σ τ̂), rows added in order.
+    let mut sum = v[..n].to_vec();
+    for ti in 1..t {
+        for (s, &x) in sum.iter_mut().zip(&v[ti * n..(ti + 1) * n]) {
+            *s += x;
+        }
+    }
+    let gamma: Vec<f32> = sum.iter().map(|&s| sign(s)).collect();
+    // Coordinates whose γ is 0 take the global majority sign, unknown yet; with every entry zero
+    // it cannot change the result (except `max` on a zero θ₀, whose sign of zero it sets).
+    let g: Vec<f32> = gamma.iter().map(|&x| if x == 0.0 { 1.0 } else { x }).collect();
+    let row = |ti: usize| &v[ti * n..(ti + 1) * n];
+    // x · [γ > 0 ? x > 0 : x < 0], branch-free so the loops vectorise.
+    let select = |x: f32, g: f32| {
+        let up = u8::from(g > 0.0);
+        let keep = (up & u8::from(x > 0.0)) | ((1 - up) & u8::from(x < 0.0));
+        x * f32::from(keep)
+    };
+    match func {
+        MergeFunc::Sum | MergeFunc::Mean => {
+            let mut agg: Vec<f32> = row(0).iter().zip(&g).map(|(&x, &g)| select(x, g)).collect();
+            let mut count: Vec<f32> = agg.iter().map(|&s| f32::from(u8::from(s != 0.0))).collect();
+            for ti in 1..t {
+                for (((a, c), &x), &g) in agg.iter_mut().zip(count.iter_mut()).zip(row(ti)).zip(&g)
+                {
+                    let sel = select(x, g);
+                    *a += sel;
+                    *c += f32::from(u8::from(sel != 0.0));
+                }
+            }
+            if func == MergeFunc::Mean {
+                for (a, c) in agg.iter_mut().zip(&count) {
+                    *a /= c.max(1.0);
+                }
+            }
+            for ((o, &b), &a) in out.iter_mut().zip(b).zip(&agg) {
+                *o = b + lambda * a;
+            }
+        }
+        MergeFunc::Max => {
+            let mut agg = vec![0f32; n];
+            for ti in 0..t {
+                for ((a, &x), &g) in agg.iter_mut().zip(row(ti)).zip(&g) {
+                    *a = a.max(select(x, g).abs());
+                }
+            }
+            for (((o, &b), &a), &g) in out.iter_mut().zip(b).zip(&agg).zip(&g) {
+                *o = b + lambda * (a * g);
+            }
+        }
+    }
+    let mut sign_total: i64 = gamma.iter().map(|&x| x as i64).sum();
+    let mut exceptions = Vec::new();
+    for j in 0..n {
+        let local = at + j;
+        let special = undecided[j] != 0 || local >= tail || {
+            gamma[j] == 0.0
+                && ((0..t).any(|ti| v[ti * n + j] != 0.0)
+                    || (func == MergeFunc::Max && b[j] == 0.0))
+        };
+        if special {
+            exceptions.push(local);
+            sign_total -= gamma[j] as i64;
+            out[j] = 0.0;
+        }
+    }
+    ChunkResult { sign_total, candidates, exceptions }
 }
 
 /// For each tensor name, the local index where the flattened model's `D mod 32` tail starts

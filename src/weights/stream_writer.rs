@@ -34,6 +34,8 @@ pub struct SafetensorsWriter {
     tmp: PathBuf,
     file: Option<std::io::BufWriter<std::fs::File>>,
     entries: Vec<(String, Vec<i64>)>,
+    /// Byte offset in the file where each entry's data starts.
+    starts: Vec<u64>,
     next: usize,
 }
 
@@ -69,6 +71,7 @@ impl SafetensorsWriter {
             header.insert("__metadata__".into(), m.into());
         }
         let mut offset = 0u64;
+        let mut starts = Vec::with_capacity(entries.len());
         for (name, shape) in &entries {
             if shape.iter().any(|&d| d < 0) {
                 return Err(WeightError::Corrupt {
@@ -77,6 +80,7 @@ impl SafetensorsWriter {
                 });
             }
             let bytes = 4 * shape.iter().product::<i64>() as u64;
+            starts.push(offset);
             header.insert(
                 name.clone(),
                 serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
@@ -97,11 +101,14 @@ impl SafetensorsWriter {
         tmp.push(format!(".{}-s{call}.partial", std::process::id()));
         let tmp = PathBuf::from(tmp);
         let file = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+        let data_start = 8 + json.len() as u64;
+        let starts = starts.into_iter().map(|s| s + data_start).collect();
         let mut w = Self {
             path,
             tmp,
             file: Some(std::io::BufWriter::with_capacity(1 << 22, file)),
             entries,
+            starts,
             next: 0,
         };
         let header_len = (json.len() as u64).to_le_bytes();
@@ -147,6 +154,32 @@ impl SafetensorsWriter {
         };
         self.write_bytes(bytes)?;
         self.next += 1;
+        Ok(())
+    }
+
+    /// Overwrites elements (flat index, value) of the already written entry number `entry`.
+    pub fn patch(&mut self, entry: usize, values: &[(usize, f32)]) -> Result<(), WeightError> {
+        use std::os::unix::fs::FileExt;
+        let err =
+            |reason: String| WeightError::Corrupt { path: self.path.display().to_string(), reason };
+        if entry >= self.next {
+            return Err(err(format!("patch of entry {entry}, which is not written yet")));
+        }
+        let numel = self.entries[entry].1.iter().product::<i64>() as usize;
+        let tmp = self.tmp.display().to_string();
+        let file = self.file.as_mut().expect("the file is open until finish");
+        file.flush().map_err(|source| WeightError::Io { path: tmp.clone(), source })?;
+        for &(j, v) in values {
+            if j >= numel {
+                return Err(err(format!(
+                    "patch of element {j} of `{}`, which has {numel}",
+                    self.entries[entry].0
+                )));
+            }
+            file.get_ref()
+                .write_all_at(&v.to_le_bytes(), self.starts[entry] + 4 * j as u64)
+                .map_err(|source| WeightError::Io { path: tmp.clone(), source })?;
+        }
         Ok(())
     }
 
