@@ -307,16 +307,13 @@ fn save_provenance(plan: &EvalPlan, device: Device, report: &Path) -> Result<()>
     Ok(())
 }
 
-/// Writes the report atomically (temp file, then rename): a crash never leaves a partial report
+/// Writes the report atomically (temp file, fsync, rename): a crash never leaves a partial report
 /// under the final name.
 pub fn save_report(report: &Value, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = path.with_extension("json.partial");
-    std::fs::write(&tmp, crate::report::to_python_json(report))
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    crate::report::write_atomic(path, crate::report::to_python_json(report).as_bytes())?;
     tracing::info!(path = %path.display(), "report saved");
     Ok(())
 }

@@ -272,7 +272,7 @@ impl ModelPool {
                 w.finish()?;
                 tracing::debug!(
                     seconds = t0.elapsed().as_secs_f64(),
-                    "merged file synced and renamed"
+                    "merged file patched and renamed"
                 );
             }
             None => {

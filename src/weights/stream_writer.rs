@@ -3,7 +3,7 @@
 //!
 //! The header (names, dtypes, shapes, offsets) is known before any data: the merged model's
 //! architecture fixes it. Data follows in the order the tensors were announced. Everything goes
-//! to a temporary file beside the target, which is flushed, synced and renamed by
+//! to a temporary file beside the target, which is flushed and renamed by
 //! [`SafetensorsWriter::finish`]; a writer dropped before that (an error, a panic) deletes its
 //! temporary file, so a failed merge leaves nothing under the target name.
 
@@ -193,8 +193,10 @@ impl SafetensorsWriter {
         }
         let io = |p: &Path, source| WeightError::Io { path: p.display().to_string(), source };
         let file = self.file.take().expect("the file is open until finish");
-        let file = file.into_inner().map_err(|e| io(&self.tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| io(&self.tmp, e))?;
+        // Not fsynced: the rename already makes a process crash leave either the old file or
+        // the whole new one, and syncing a model of 0.3-1.2 GB costs more than merging it. (Small
+        // results that a resumed run relies on, such as reports, are synced.)
+        file.into_inner().map_err(|e| io(&self.tmp, e.into_error()))?;
         if let Err(e) = std::fs::rename(&self.tmp, &self.path) {
             let _ = std::fs::remove_file(&self.tmp);
             return Err(io(&self.path, e));
