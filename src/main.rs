@@ -8,6 +8,15 @@
 //!
 //! `fusion_bench --prefetch <overrides>` composes the same config and downloads every model and
 //! dataset it names into the hub cache instead of running (feature `download`).
+//!
+//! Distributed evaluation: every process runs the same command line (so each merges the same
+//! model from its own files). One adds `--serve HOST:PORT` and becomes the coordinator (it also
+//! evaluates, and writes the report); the others add `--join HOST:PORT` and become workers.
+//! `--min-workers N` makes the coordinator wait (up to a minute) for N workers before starting;
+//! `--job-dir DIR` is the folder, shared by the job's processes, that holds the job's CA
+//! (default `<path.output_dir>/.cluster/<job id>`); `--node-name` names a worker in logs. The
+//! job id is a hash of the method, model pool and task pool configs: a worker started with
+//! another config is refused.
 
 use anyhow::{bail, Context, Result};
 use fusion_bench::config::{compose_from_args, default_config_dirs, ProgramConfig, TaskPoolKind};
@@ -100,6 +109,83 @@ fn prefetch(_: &ProgramConfig) -> Result<()> {
     bail!("`--prefetch` needs network access, and this binary was built without the `download` feature (rebuild with default features)")
 }
 
+/// Removes `--flag VALUE` or `--flag=VALUE` from `args` and returns the value.
+fn take_flag(args: &mut Vec<String>, flag: &str) -> Result<Option<String>> {
+    let prefix = format!("{flag}=");
+    if let Some(i) = args.iter().position(|a| a == flag) {
+        if i + 1 >= args.len() {
+            bail!("{flag} needs a value");
+        }
+        let v = args.remove(i + 1);
+        args.remove(i);
+        return Ok(Some(v));
+    }
+    if let Some(i) = args.iter().position(|a| a.starts_with(&prefix)) {
+        let v = args.remove(i)[prefix.len()..].to_string();
+        return Ok(Some(v));
+    }
+    Ok(None)
+}
+
+/// `--serve`, `--join` and their options.
+struct ClusterArgs {
+    serve: Option<std::net::SocketAddr>,
+    join: Option<std::net::SocketAddr>,
+    min_workers: usize,
+    job_dir: Option<PathBuf>,
+    node_name: Option<String>,
+}
+
+fn socket_addr(flag: &str, v: &str) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    v.to_socket_addrs()
+        .with_context(|| format!("{flag} {v}: not a HOST:PORT address"))?
+        .next()
+        .with_context(|| format!("{flag} {v}: the host name resolves to no address"))
+}
+
+fn cluster_args(args: &mut Vec<String>) -> Result<ClusterArgs> {
+    let serve = take_flag(args, "--serve")?.map(|v| socket_addr("--serve", &v)).transpose()?;
+    let join = take_flag(args, "--join")?.map(|v| socket_addr("--join", &v)).transpose()?;
+    if serve.is_some() && join.is_some() {
+        bail!("--serve (coordinator) and --join (worker) exclude each other");
+    }
+    let min_workers = match take_flag(args, "--min-workers")? {
+        Some(v) => v.parse().with_context(|| format!("--min-workers {v}: not a number"))?,
+        None => 0,
+    };
+    let job_dir = take_flag(args, "--job-dir")?.map(PathBuf::from);
+    let node_name = take_flag(args, "--node-name")?;
+    Ok(ClusterArgs { serve, join, min_workers, job_dir, node_name })
+}
+
+/// A stable hash (FNV-1a, 64 bits) of what a cluster's processes must agree on.
+fn job_id(cfg: &ProgramConfig) -> String {
+    let key = format!("{:?}", (&cfg.method, &cfg.modelpool, &cfg.taskpool, cfg.fast_dev_run));
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn cluster_options(cfg: &ProgramConfig, c: &ClusterArgs) -> program::ClusterOptions {
+    let id = job_id(cfg);
+    let dir = c.job_dir.clone().unwrap_or_else(|| {
+        PathBuf::from(cfg.path.output_dir.as_deref().unwrap_or("outputs"))
+            .join(".cluster")
+            .join(&id)
+    });
+    let mut o = program::ClusterOptions::new(id, dir);
+    o.min_workers = c.min_workers;
+    if std::env::var_os("FUSION_BENCH_FAST_TIMEOUTS").is_some() {
+        o = o.fast(); // tests: idle 1 s, keep-alive 0.3 s
+        o.min_workers = c.min_workers;
+    }
+    o
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -113,6 +199,7 @@ fn main() -> Result<()> {
     let len = args.len();
     args.retain(|a| a != "--prefetch");
     let want_prefetch = args.len() != len;
+    let cluster = cluster_args(&mut args)?;
     let composed = compose_from_args(&args, &default_config_dirs())?;
     if composed.cfg().is_some() {
         print!("{}", composed.to_yaml()?);
@@ -154,7 +241,27 @@ fn main() -> Result<()> {
     let merged = method.run(&pool)?;
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), "method done");
     tracing::info!(cache = %hub.cache().display(), model = %plan.model, base = %plan.base_model, "evaluating");
-    let report = program::run(&plan, &hub, &pool, &merged)?;
+    if let Some(addr) = cluster.join {
+        let name =
+            cluster.node_name.clone().unwrap_or_else(|| format!("worker-{}", std::process::id()));
+        return program::run_worker(
+            &plan,
+            &hub,
+            &pool,
+            &merged,
+            addr,
+            &name,
+            &cluster_options(&cfg, &cluster),
+        );
+    }
+    let distribution = match cluster.serve {
+        Some(listen) => program::Distribution::Serve {
+            listen,
+            options: Box::new(cluster_options(&cfg, &cluster)),
+        },
+        None => program::Distribution::Local,
+    };
+    let report = program::run(&plan, &hub, &pool, &merged, distribution)?;
     println!("{}", fusion_bench::report::to_python_json(&report));
     Ok(())
 }

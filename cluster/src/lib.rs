@@ -10,5 +10,7 @@ pub mod codec;
 pub mod collectives;
 pub mod membership;
 pub mod placement;
+pub mod runtime;
 pub mod scheduler;
+pub mod slurm;
 pub mod transport;

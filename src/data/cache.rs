@@ -3,12 +3,12 @@
 //! tasks decodes each image once. Normalisation (cheap, exact) runs on every read.
 //!
 //! Layout: `<dir>/<fingerprint>.crops` = `n × h × w × 3` bytes, written to a temporary name while
-//! the first evaluation streams through the split and renamed when complete (a crash leaves no
-//! partial entry). The directory is capped in size: the least recently used entries go first.
+//! the first evaluation goes through the split (batches in any order, each at its place) and
+//! renamed when every example is in (a crash leaves no partial entry). The directory is capped in size: the least recently used entries go first.
 
 use super::{preprocess::normalize_into, DataError, ImageDataset, ImageProcessorConfig};
-use std::io::Write;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// A size-capped directory of crop files.
@@ -24,13 +24,15 @@ pub struct CachedCrops {
     per_image: usize,
 }
 
-/// Streams the crops of a split into the cache during a first full pass.
+/// Writes the crops of a split into the cache during a first full pass, batch by batch in any
+/// order.
 pub struct CropWriter {
-    file: std::io::BufWriter<std::fs::File>,
+    file: std::fs::File,
     tmp: PathBuf,
     dest: PathBuf,
-    expected: u64,
-    written: u64,
+    per_image: usize,
+    /// Which examples are in.
+    written: Vec<bool>,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> DataError {
@@ -74,7 +76,7 @@ impl CropCache {
     /// A writer for `data`'s crops, after evicting old entries to make room; `None` when the
     /// split alone exceeds the cap or the directory cannot be written.
     pub fn writer(&self, data: &ImageDataset) -> Option<CropWriter> {
-        let (_, total) = Self::bytes_needed(data)?;
+        let (per_image, total) = Self::bytes_needed(data)?;
         if total > self.cap_bytes || std::fs::create_dir_all(&self.dir).is_err() {
             return None;
         }
@@ -82,13 +84,7 @@ impl CropCache {
         let dest = self.entry(data);
         let tmp = dest.with_extension(format!("{}.partial", std::process::id()));
         let file = std::fs::File::create(&tmp).ok()?;
-        Some(CropWriter {
-            file: std::io::BufWriter::new(file),
-            tmp,
-            dest,
-            expected: total,
-            written: 0,
-        })
+        Some(CropWriter { file, tmp, dest, per_image, written: vec![false; data.len()] })
     }
 
     /// Removes least recently used entries until at most `keep` bytes remain.
@@ -127,16 +123,29 @@ impl CachedCrops {
 }
 
 impl CropWriter {
-    /// Appends the next crops (in example order).
-    pub fn write(&mut self, crops: &[u8]) -> Result<(), DataError> {
-        self.written += crops.len() as u64;
-        self.file.write_all(crops).map_err(|e| io_err(&self.tmp, e))
+    /// Writes the crops of examples `first..` (as many as `crops` holds) at their place.
+    pub fn write_at(&mut self, first: usize, crops: &[u8]) -> Result<(), DataError> {
+        let n = crops.len() / self.per_image;
+        if first + n > self.written.len() || !crops.len().is_multiple_of(self.per_image) {
+            return Err(DataError::Io {
+                path: self.tmp.display().to_string(),
+                source: std::io::Error::other(format!(
+                    "crops of examples {first}..{} do not fit a split of {}",
+                    first + n,
+                    self.written.len()
+                )),
+            });
+        }
+        self.file
+            .write_all_at(crops, (first * self.per_image) as u64)
+            .map_err(|e| io_err(&self.tmp, e))?;
+        self.written[first..first + n].iter_mut().for_each(|w| *w = true);
+        Ok(())
     }
 
     /// Publishes the entry if every example was written; otherwise discards it.
-    pub fn finish(mut self) -> Result<(), DataError> {
-        self.file.flush().map_err(|e| io_err(&self.tmp, e))?;
-        if self.written != self.expected {
+    pub fn finish(self) -> Result<(), DataError> {
+        if !self.written.iter().all(|&w| w) {
             let _ = std::fs::remove_file(&self.tmp);
             return Ok(());
         }

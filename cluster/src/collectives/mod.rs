@@ -14,6 +14,9 @@ use std::future::Future;
 
 use tokio::sync::mpsc;
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
+pub mod quic;
 pub mod ring;
 
 pub use ring::{Ring, RingConfig};

@@ -1,23 +1,27 @@
 //! The evaluation program: load the model to evaluate and the task pool's base CLIP, build each
 //! task's zero-shot head, run the test split in FusionBench's batches, and produce the report.
 //!
-//! This is FusionBench's `method=dummy` path (`CLIPVisionModelTaskPool.evaluate`); merging
-//! methods will hand their merged vision weights to the same [`evaluate`].
+//! FusionBench's `CLIPVisionModelTaskPool.evaluate`, for whatever a method returns. The work is
+//! cut into batch-aligned items ([`work`]) that the cluster runtime runs in this process or
+//! across workers; results are reduced in batch order, so the report never depends on where
+//! a batch ran.
+
+pub mod work;
 
 use crate::data::cache::CropCache;
-use crate::data::preprocess::normalize_batch;
-use crate::data::{ImageDataset, ImageProcessorConfig};
 use crate::device::Accelerator;
-use crate::hub::{Hub, RepoType};
+use crate::hub::Hub;
 use crate::methods::{Merged, ModelPool};
-use crate::models::clip::{ClipModel, ClipTokenizer, ClipVision};
-use crate::tasks::{self, metrics::TaskMetrics, zeroshot};
+use crate::models::clip::ClipVision;
+use crate::tasks::metrics::TaskMetrics;
 use crate::weights::{Scope, WeightMap};
 use anyhow::{Context, Result};
+pub use fusion_cluster::runtime::ClusterOptions;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
+use work::{BatchResult, Evaluator};
 
 /// A test dataset on the hub: id, optional config name, split.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,156 +101,118 @@ impl EvalResult {
     }
 }
 
-/// Evaluates `vision` on each task of `plan` with the base model's heads.
-pub fn evaluate(
+/// Where evaluation runs: this process alone (the default), or this process as a cluster's
+/// coordinator that also lets workers join (`--serve`).
+pub enum Distribution {
+    /// Every item in this process (still through the coordinator and a local worker actor).
+    Local,
+    /// Coordinator listening on `listen`; workers join with `--join`.
+    Serve {
+        /// Address to listen on (port 0: any).
+        listen: std::net::SocketAddr,
+        /// Job id, credentials folder, timeouts.
+        options: Box<ClusterOptions>,
+    },
+}
+
+/// Evaluates merged vision weights as planned: save the model if asked, evaluate every task
+/// (in this process or across the cluster), write the report and its provenance.
+pub fn run(
     plan: &EvalPlan,
     hub: &Hub,
-    vision: &ClipVision,
-    base: &ClipModel,
-    device: Device,
-) -> Result<Vec<(String, TaskMetrics)>> {
-    let base_dir = hub.resolve(&plan.base_model, RepoType::Model, None)?;
-    let tokenizer = ClipTokenizer::from_dir(&base_dir)
-        .with_context(|| format!("loading the tokenizer of {}", plan.base_model))?;
-    let proc_dir = hub.resolve(&plan.processor, RepoType::Model, None)?;
-    let processor = ImageProcessorConfig::from_file(&proc_dir.join("preprocessor_config.json"))?;
-    let mut out = Vec::new();
-    for (name, ds) in &plan.tasks {
-        let spec = tasks::task(name)?;
-        let t0 = Instant::now();
-        let head = zeroshot::cached_zeroshot_head(
-            plan.cache_dir.as_deref(),
-            &base_dir,
-            base,
-            &tokenizer,
-            name,
-            spec,
-        );
-        let dir = hub.resolve_dataset(&ds.id)?;
-        let data = ImageDataset::load(&dir, ds.config.as_deref(), &ds.split, processor.clone())
-            .with_context(|| {
-                format!("task `{name}`: opening dataset {} split {}", ds.id, ds.split)
-            })?;
-        check_labels(name, &data, spec.classnames.len())?;
-        let metrics = evaluate_task(name, &data, &processor, vision, base, &head, plan, device)?;
-        tracing::info!(
-            task = %name,
-            accuracy = metrics.accuracy(),
-            loss = metrics.loss(),
-            examples = metrics.total,
-            seconds = t0.elapsed().as_secs_f64(),
-            "task evaluated"
-        );
-        out.push((name.clone(), metrics));
-    }
-    Ok(out)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn evaluate_task(
-    name: &str,
-    data: &ImageDataset,
-    processor: &ImageProcessorConfig,
-    vision: &ClipVision,
-    base: &ClipModel,
-    head: &Tensor,
-    plan: &EvalPlan,
-    device: Device,
-) -> Result<TaskMetrics> {
-    let _guard = tch::no_grad_guard();
-    let n = data.len();
-    if !processor.do_center_crop {
-        anyhow::bail!(
-            "task `{name}`: the processor has do_center_crop=false; batches need one image size"
-        );
-    }
-    let size = (processor.crop_size.height, processor.crop_size.width);
-    let mut metrics = TaskMetrics::default();
-    let bar = crate::progress::bar(
-        name,
-        if plan.fast_dev_run { n.min(plan.batch_size) } else { n },
-        "images",
-    );
-    let cached = plan.crop_cache.as_ref().and_then(|c| c.open(data));
-    let mut writer = match (&cached, plan.fast_dev_run) {
-        (None, false) => plan.crop_cache.as_ref().and_then(|c| c.writer(data)),
-        _ => None,
-    };
-    let mut start = 0;
-    while start < n {
-        let end = (start + plan.batch_size).min(n);
-        let (pixels, labels) = match &cached {
-            Some(c) => (c.batch(start..end, processor), data.labels()[start..end].to_vec()),
-            None => {
-                let (crops, labels) =
-                    data.decode_crop_batch(start..end).with_context(|| format!("task `{name}`"))?;
-                if let Some(w) = writer.as_mut() {
-                    w.write(&crops)?;
-                }
-                (normalize_batch(&crops, end - start, processor), labels)
-            }
-        };
-        let b = (end - start) as i64;
-        let x = Tensor::from_slice(&pixels)
-            .view([b, 3, size.0 as i64, size.1 as i64])
-            .to_device(device);
-        let y = Tensor::from_slice(&labels).to_device(device);
-        let logits = zeroshot::logits(&base.image_features(vision, &x), head, &base.logit_scale);
-        let loss = logits.cross_entropy_for_logits(&y).double_value(&[]) as f32;
-        let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
-        metrics.add_batch(correct as u64, b as u64, loss);
-        bar.inc(b as u64);
-        tracing::debug!(task = %name, done = end, of = n, "batch");
-        start = end;
-        if plan.fast_dev_run {
-            break;
-        }
-    }
-    if let Some(w) = writer {
-        w.finish()?;
-    }
-    bar.finish_and_clear();
-    Ok(metrics)
-}
-
-/// Every label must index a class of the task, or accuracy would silently be wrong.
-fn check_labels(task: &str, data: &ImageDataset, classes: usize) -> Result<()> {
-    if let Some(i) = data.labels().iter().position(|&l| l < 0 || l as usize >= classes) {
-        let (file, row) =
-            data.origin(i).map(|(f, r)| (f.display().to_string(), r)).unwrap_or_default();
-        anyhow::bail!(
-            "task `{task}`: label {} at row {row} of {file} is out of range (the task has {classes} classes)",
-            data.labels()[i]
-        );
-    }
-    Ok(())
-}
-
-/// Evaluates merged vision weights as planned: save the model if asked, evaluate every task,
-/// write the report and its provenance.
-pub fn run(plan: &EvalPlan, hub: &Hub, pool: &ModelPool, merged: &Merged) -> Result<Value> {
+    pool: &ModelPool,
+    merged: &Merged,
+    distribution: Distribution,
+) -> Result<Value> {
     let device = crate::device::select(plan.accelerator)?;
     let weights = &merged.weights;
     if let Some(dir) = &plan.merged_model_save_path {
         save_vision_model(dir, &pool.config_source(), weights)?;
     }
-    let vision = ClipVision::load(
-        &Scope::new(weights, device, Kind::Float).pp("vision_model"),
-        pool.config(),
-    )?;
-    let base_dir = hub.resolve(&plan.base_model, RepoType::Model, None)?;
-    let base = ClipModel::load(&base_dir, device)
-        .with_context(|| format!("loading the task pool's base model `{}`", plan.base_model))?;
-    let tasks = evaluate(plan, hub, &vision, &base, device)?;
+    let evaluator = evaluator(plan, hub, pool, weights, device)?;
+    let names = evaluator.task_names();
+    let items = evaluator.items();
+    let writers = evaluator.cache_writers();
+    let encoded = items
+        .iter()
+        .map(fusion_cluster::codec::encode)
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let (listen, options) = match distribution {
+        Distribution::Local => (None, ClusterOptions::new("local", std::env::temp_dir())),
+        Distribution::Serve { listen, options } => (Some(listen), *options),
+    };
+    let t0 = Instant::now();
+    let job = options.job_id.clone();
+    let summary = fusion_cluster::runtime::run_coordinator(
+        encoded,
+        Some(Box::new(evaluator)),
+        listen,
+        &options,
+        |addr| tracing::info!(%addr, %job, "coordinator listening: workers join with --join"),
+    )
+    .context("evaluation")?;
+    let results = summary
+        .results
+        .iter()
+        .map(|r| fusion_cluster::codec::decode::<Vec<BatchResult>>(r))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    work::finish_caches(&writers)?;
+    let tasks = work::fold_metrics(&names, &items, &results);
+    for (name, m) in &tasks {
+        tracing::info!(task = %name, accuracy = m.accuracy(), loss = m.loss(), examples = m.total, "task evaluated");
+    }
+    tracing::info!(
+        seconds = t0.elapsed().as_secs_f64(),
+        items = items.len(),
+        workers = ?summary.per_worker,
+        lost = summary.workers_lost,
+        computed_twice = summary.computed_twice,
+        "evaluation done"
+    );
     let all = weights.numel();
     let trainable = if merged.trainable { all } else { 0 };
     let result = EvalResult { tasks, all_params: all, trainable_params: trainable };
     let report = result.report();
     if let Some(path) = &plan.report_save_path {
         save_report(&report, path)?;
-        save_provenance(plan, device, path)?;
+        save_provenance(plan, device, path, &summary)?;
     }
     Ok(report)
+}
+
+/// The evaluator of `plan` for merged `weights` (vision tower in the pool's architecture).
+pub fn evaluator(
+    plan: &EvalPlan,
+    hub: &Hub,
+    pool: &ModelPool,
+    weights: &WeightMap,
+    device: Device,
+) -> Result<Evaluator> {
+    let vision = ClipVision::load(
+        &Scope::new(weights, device, Kind::Float).pp("vision_model"),
+        pool.config(),
+    )?;
+    Evaluator::new(plan, hub, vision, device)
+}
+
+/// A worker of a distributed evaluation (`--join`): evaluates the items the coordinator at
+/// `coordinator` hands out until it says the run is done.
+pub fn run_worker(
+    plan: &EvalPlan,
+    hub: &Hub,
+    pool: &ModelPool,
+    merged: &Merged,
+    coordinator: std::net::SocketAddr,
+    name: &str,
+    options: &ClusterOptions,
+) -> Result<()> {
+    let device = crate::device::select(plan.accelerator)?;
+    let evaluator = evaluator(plan, hub, pool, &merged.weights, device)?;
+    let summary =
+        fusion_cluster::runtime::run_worker(coordinator, name, Box::new(evaluator), options)
+            .with_context(|| format!("worker `{name}` of the coordinator at {coordinator}"))?;
+    tracing::info!(items = summary.executed, "worker done");
+    Ok(())
 }
 
 /// Saves vision weights as `CLIPVisionModel.save_pretrained` does: `config.json` (a
@@ -285,7 +251,12 @@ pub fn save_vision_config(dir: &Path, source_config: &Path) -> Result<()> {
 
 /// Writes `<report>.meta.json`: what produced the report (seed, versions, threads, device,
 /// determinism), kept apart so the report itself stays byte-compatible with FusionBench's.
-fn save_provenance(plan: &EvalPlan, device: Device, report: &Path) -> Result<()> {
+fn save_provenance(
+    plan: &EvalPlan,
+    device: Device,
+    report: &Path,
+    summary: &fusion_cluster::runtime::RunSummary,
+) -> Result<()> {
     let meta = json!({
         "fusion_bench": env!("CARGO_PKG_VERSION"),
         "libtorch": "2.11.0 (PyPI torch wheel), tch 0.24.0",
@@ -297,7 +268,13 @@ fn save_provenance(plan: &EvalPlan, device: Device, report: &Path) -> Result<()>
         "decode_threads": rayon::current_num_threads(),
         "batch_size": plan.batch_size,
         "fast_dev_run": plan.fast_dev_run,
-        "deterministic": "evaluation is deterministic on CPU: fixed batch order, no sampling",
+        "deterministic": "evaluation is deterministic on CPU: fixed batch order, no sampling; results are reduced in batch order whichever worker computed them",
+        "cluster": {
+            "items": summary.results.len(),
+            "per_worker": summary.per_worker,
+            "workers_lost": summary.workers_lost,
+            "computed_twice": summary.computed_twice,
+        },
     });
     let mut name = report.as_os_str().to_owned();
     name.push(".meta.json");

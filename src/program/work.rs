@@ -1,0 +1,255 @@
+//! Evaluation as work items, so one plan runs the same way in one process or across a cluster.
+//!
+//! An item is a batch-aligned range of one task's test split: the batches FusionBench would form
+//! (`batch_size` examples, in dataset order), never split or merged. Its result is each batch's
+//! (correct, size, mean loss). The coordinator gathers results in item order, and
+//! [`fold_metrics`] adds them batch by batch in that order, so the float32 loss sum — and the
+//! report — are the same as one process computing every batch in sequence, whichever worker
+//! computed what, and whatever was recomputed after a worker was lost.
+
+use super::EvalPlan;
+use crate::data::cache::{CachedCrops, CropWriter};
+use crate::data::preprocess::normalize_batch;
+use crate::data::{ImageDataset, ImageProcessorConfig};
+use crate::hub::{Hub, RepoType};
+use crate::models::clip::{ClipModel, ClipTokenizer, ClipVision};
+use crate::tasks::{self, metrics::TaskMetrics, zeroshot};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex};
+use tch::{Device, Kind, Tensor};
+
+/// Batches `[first_batch, first_batch + batches)` of task number `task` (in the plan's order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvalItem {
+    /// Index of the task in [`EvalPlan::tasks`].
+    pub task: u32,
+    /// First batch.
+    pub first_batch: u64,
+    /// Number of batches.
+    pub batches: u64,
+}
+
+/// One batch's outcome: correct predictions, examples, mean cross-entropy (float32).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BatchResult {
+    /// Correct top-1 predictions.
+    pub correct: u64,
+    /// Examples in the batch.
+    pub size: u64,
+    /// Mean loss over the batch.
+    pub loss: f32,
+}
+
+/// One task, loaded: its dataset, zero-shot head and, when enabled, its decoded-image cache.
+struct Task {
+    name: String,
+    data: ImageDataset,
+    head: Tensor,
+    cached: Option<CachedCrops>,
+}
+
+/// Crop-cache entries being filled, shared with the caller so it can publish them after the run.
+pub type CacheWriters = Arc<Mutex<Vec<Option<CropWriter>>>>;
+
+/// Everything needed to evaluate any item of a plan: the model, the base CLIP, the tasks.
+pub struct Evaluator {
+    tasks: Vec<Task>,
+    vision: ClipVision,
+    base: ClipModel,
+    processor: ImageProcessorConfig,
+    batch_size: usize,
+    fast_dev_run: bool,
+    device: Device,
+    writers: CacheWriters,
+    bar: indicatif::ProgressBar,
+}
+
+impl Evaluator {
+    /// Loads the base model, tokenizer, processor, every task's dataset (labels checked) and its
+    /// zero-shot head, for evaluating `vision` on `device`.
+    pub fn new(plan: &EvalPlan, hub: &Hub, vision: ClipVision, device: Device) -> Result<Self> {
+        let base_dir = hub.resolve(&plan.base_model, RepoType::Model, None)?;
+        let base = ClipModel::load(&base_dir, device)
+            .with_context(|| format!("loading the task pool's base model `{}`", plan.base_model))?;
+        let tokenizer = ClipTokenizer::from_dir(&base_dir)
+            .with_context(|| format!("loading the tokenizer of {}", plan.base_model))?;
+        let proc_dir = hub.resolve(&plan.processor, RepoType::Model, None)?;
+        let processor =
+            ImageProcessorConfig::from_file(&proc_dir.join("preprocessor_config.json"))?;
+        if !processor.do_center_crop {
+            anyhow::bail!(
+                "the processor of {} has do_center_crop=false; batches need one image size",
+                plan.processor
+            );
+        }
+        let mut tasks = Vec::new();
+        let mut writers = Vec::new();
+        for (name, ds) in &plan.tasks {
+            let spec = tasks::task(name)?;
+            let head = zeroshot::cached_zeroshot_head(
+                plan.cache_dir.as_deref(),
+                &base_dir,
+                &base,
+                &tokenizer,
+                name,
+                spec,
+            );
+            let dir = hub.resolve_dataset(&ds.id)?;
+            let data = ImageDataset::load(&dir, ds.config.as_deref(), &ds.split, processor.clone())
+                .with_context(|| {
+                    format!("task `{name}`: opening dataset {} split {}", ds.id, ds.split)
+                })?;
+            check_labels(name, &data, spec.classnames.len())?;
+            let cached = plan.crop_cache.as_ref().and_then(|c| c.open(&data));
+            let writer = match (&cached, plan.fast_dev_run) {
+                (None, false) => plan.crop_cache.as_ref().and_then(|c| c.writer(&data)),
+                _ => None,
+            };
+            writers.push(writer);
+            tasks.push(Task { name: name.clone(), data, head, cached });
+        }
+        let mut ev = Self {
+            tasks,
+            vision,
+            base,
+            processor,
+            batch_size: plan.batch_size.max(1),
+            fast_dev_run: plan.fast_dev_run,
+            device,
+            writers: Arc::new(Mutex::new(writers)),
+            bar: indicatif::ProgressBar::hidden(),
+        };
+        let total: usize = ev.items().iter().map(|i| ev.examples(i)).sum();
+        ev.bar = crate::progress::bar("evaluating", total, "images");
+        Ok(ev)
+    }
+
+    /// The task names in plan order.
+    pub fn task_names(&self) -> Vec<String> {
+        self.tasks.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// The crop-cache writers, to publish with [`finish_caches`] after the run.
+    pub fn cache_writers(&self) -> CacheWriters {
+        self.writers.clone()
+    }
+
+    /// The plan's items: every batch of every task (only the first with `fast_dev_run`), one
+    /// batch per item, in task then batch order.
+    pub fn items(&self) -> Vec<EvalItem> {
+        let mut items = Vec::new();
+        for (t, task) in self.tasks.iter().enumerate() {
+            let n = task.data.len();
+            let batches = n.div_ceil(self.batch_size) as u64;
+            let batches = if self.fast_dev_run { batches.min(1) } else { batches };
+            for b in 0..batches {
+                items.push(EvalItem { task: t as u32, first_batch: b, batches: 1 });
+            }
+        }
+        items
+    }
+
+    fn examples(&self, item: &EvalItem) -> usize {
+        let n = self.tasks[item.task as usize].data.len();
+        let start = (item.first_batch as usize * self.batch_size).min(n);
+        let end = ((item.first_batch + item.batches) as usize * self.batch_size).min(n);
+        end - start
+    }
+
+    /// Evaluates one item.
+    pub fn run(&mut self, item: &EvalItem) -> Result<Vec<BatchResult>> {
+        let _guard = tch::no_grad_guard();
+        let t = item.task as usize;
+        let task = self
+            .tasks
+            .get(t)
+            .with_context(|| format!("work item for task #{t}, which the plan does not have"))?;
+        let n = task.data.len();
+        let size = (self.processor.crop_size.height as i64, self.processor.crop_size.width as i64);
+        let mut out = Vec::with_capacity(item.batches as usize);
+        for b in item.first_batch..item.first_batch + item.batches {
+            let start = b as usize * self.batch_size;
+            let end = (start + self.batch_size).min(n);
+            if start >= end {
+                break;
+            }
+            let (pixels, labels) = match &task.cached {
+                Some(c) => {
+                    (c.batch(start..end, &self.processor), task.data.labels()[start..end].to_vec())
+                }
+                None => {
+                    let (crops, labels) = task
+                        .data
+                        .decode_crop_batch(start..end)
+                        .with_context(|| format!("task `{}`", task.name))?;
+                    let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(w) = writers[t].as_mut() {
+                        w.write_at(start, &crops)?;
+                    }
+                    (normalize_batch(&crops, end - start, &self.processor), labels)
+                }
+            };
+            let bsz = (end - start) as i64;
+            let x =
+                Tensor::from_slice(&pixels).view([bsz, 3, size.0, size.1]).to_device(self.device);
+            let y = Tensor::from_slice(&labels).to_device(self.device);
+            let feats = self.base.image_features(&self.vision, &x);
+            let logits = zeroshot::logits(&feats, &task.head, &self.base.logit_scale);
+            let loss = logits.cross_entropy_for_logits(&y).double_value(&[]) as f32;
+            let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+            out.push(BatchResult { correct: correct as u64, size: bsz as u64, loss });
+            self.bar.inc(bsz as u64);
+            tracing::debug!(task = %task.name, done = end, of = n, "batch");
+        }
+        Ok(out)
+    }
+}
+
+impl fusion_cluster::runtime::Executor for Evaluator {
+    fn execute(&mut self, item: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        let item: EvalItem = fusion_cluster::codec::decode(item).map_err(|e| e.to_string())?;
+        let result = self.run(&item).map_err(|e| format!("{e:#}"))?;
+        fusion_cluster::codec::encode(&result).map_err(|e| e.to_string())
+    }
+}
+
+/// Publishes every crop-cache entry that the run filled completely.
+pub fn finish_caches(writers: &CacheWriters) -> Result<()> {
+    let mut writers = writers.lock().unwrap_or_else(|e| e.into_inner());
+    for w in writers.iter_mut() {
+        if let Some(w) = w.take() {
+            w.finish()?;
+        }
+    }
+    Ok(())
+}
+
+/// Per-task metrics from the items' results, added batch by batch in item order.
+pub fn fold_metrics(
+    names: &[String],
+    items: &[EvalItem],
+    results: &[Vec<BatchResult>],
+) -> Vec<(String, TaskMetrics)> {
+    let mut metrics: Vec<(String, TaskMetrics)> =
+        names.iter().map(|n| (n.clone(), TaskMetrics::default())).collect();
+    for (item, batches) in items.iter().zip(results) {
+        for b in batches {
+            metrics[item.task as usize].1.add_batch(b.correct, b.size, b.loss);
+        }
+    }
+    metrics
+}
+
+/// Every label must index a class of the task, or accuracy would silently be wrong.
+fn check_labels(task: &str, data: &ImageDataset, classes: usize) -> Result<()> {
+    if let Some(i) = data.labels().iter().position(|&l| l < 0 || l as usize >= classes) {
+        let (file, row) =
+            data.origin(i).map(|(f, r)| (f.display().to_string(), r)).unwrap_or_default();
+        anyhow::bail!(
+            "task `{task}`: label {} at row {row} of {file} is out of range (the task has {classes} classes)",
+            data.labels()[i]
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! Distributed evaluation on loopback: a coordinator (`--serve`) and two workers (`--join`), each
+//! a real `fusion_bench` process running the same command line, give the single-process report
+//! byte for byte — also when a worker is killed mid-run, with nothing finished recomputed.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn args(report: &Path) -> Vec<String> {
+    vec![
+        "method=task_arithmetic".into(),
+        "method.scaling_factor=0.3".into(),
+        "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8".into(),
+        "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8".into(),
+        "fabric.accelerator=cpu".into(),
+        // Small batches: many work items, so a worker is killed with work still in flight.
+        "taskpool.dataloader_kwargs.batch_size=16".into(),
+        "print_config=false".into(),
+        format!("report_save_path={}", report.display()),
+    ]
+}
+
+fn command(extra: &[String], log: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fusion_bench"));
+    c.args(extra)
+        .env("HF_HOME", root().join("tests/fixtures/hf_home"))
+        .env("FUSION_BENCH_FAST_TIMEOUTS", "1")
+        // One intra-op thread everywhere, so every process computes each batch identically.
+        .env("OMP_NUM_THREADS", "1")
+        .env("FUSION_BENCH_IMAGE_CACHE_GB", "0")
+        .env("RUST_LOG", log)
+        .env("RUST_BACKTRACE", "0")
+        .current_dir(root());
+    c
+}
+
+/// Starts `c` with stderr forwarded line by line to a channel (and kept for error messages).
+fn spawn_logged(mut c: Command) -> (Child, mpsc::Receiver<String>) {
+    let mut child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for a line containing `needle`; returns it (panics with the lines seen on timeout).
+fn wait_for(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> String {
+    let end = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    while Instant::now() < end {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(line) => seen.push(line),
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    panic!("no line with `{needle}` within {timeout:?}; saw:\n{}", seen.join("\n"));
+}
+
+fn single_process_report(dir: &Path) -> Vec<u8> {
+    let report = dir.join("single.json");
+    let out = command(&args(&report), "warn").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read(report).unwrap()
+}
+
+/// Coordinator plus two workers; `kill_one` SIGKILLs the first worker after its first batch.
+fn distributed_report(dir: &Path, kill_one: bool) -> (Vec<u8>, serde_json::Value) {
+    let report = dir.join(if kill_one { "killed.json" } else { "three.json" });
+    let job = dir.join(if kill_one { "job-killed" } else { "job" });
+    let mut coord_args = args(&report);
+    coord_args.extend([
+        "--serve".into(),
+        "127.0.0.1:0".into(),
+        "--min-workers".into(),
+        "2".into(),
+        "--job-dir".into(),
+        job.display().to_string(),
+    ]);
+    let (mut coord, coord_log) = spawn_logged(command(&coord_args, "info"));
+    let line = wait_for(&coord_log, "coordinator listening", Duration::from_secs(60));
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no addr= in `{line}`"))
+        .to_string();
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let mut a = args(&dir.join(format!("worker{i}.json")));
+        a.extend([
+            "--join".into(),
+            addr.clone(),
+            "--node-name".into(),
+            format!("w{i}"),
+            "--job-dir".into(),
+            job.display().to_string(),
+        ]);
+        workers.push(spawn_logged(command(&a, "info,fusion_bench::program::work=debug")));
+    }
+    if kill_one {
+        let (w, log) = &mut workers[0];
+        wait_for(log, "batch", Duration::from_secs(60));
+        w.kill().unwrap();
+    }
+    let status = coord.wait().unwrap();
+    let rest: Vec<String> = coord_log.try_iter().collect();
+    assert!(status.success(), "coordinator failed:\n{}", rest.join("\n"));
+    for (i, (w, _)) in workers.iter_mut().enumerate() {
+        let s = w.wait().unwrap();
+        if !(kill_one && i == 0) {
+            assert!(s.success(), "worker {i} failed");
+        }
+        assert!(!dir.join(format!("worker{i}.json")).exists(), "a worker wrote a report");
+    }
+    let mut meta = report.as_os_str().to_owned();
+    meta.push(".meta.json");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(PathBuf::from(meta)).unwrap()).unwrap();
+    (std::fs::read(&report).unwrap(), meta)
+}
+
+#[test]
+fn three_processes_give_the_single_process_report_even_with_a_worker_killed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let single = single_process_report(tmp.path());
+
+    let (three, meta) = distributed_report(tmp.path(), false);
+    assert_eq!(String::from_utf8_lossy(&three), String::from_utf8_lossy(&single));
+    let cluster = &meta["cluster"];
+    let per_worker = cluster["per_worker"].as_array().unwrap();
+    let busy = per_worker.iter().filter(|w| w[1].as_u64().unwrap() > 0).count();
+    assert!(busy >= 2, "the work was not shared: {cluster}");
+    assert_eq!(cluster["computed_twice"], 0);
+
+    let (killed, meta) = distributed_report(tmp.path(), true);
+    assert_eq!(String::from_utf8_lossy(&killed), String::from_utf8_lossy(&single));
+    let cluster = &meta["cluster"];
+    assert_eq!(cluster["workers_lost"], 1, "{cluster}");
+    assert_eq!(cluster["computed_twice"], 0, "{cluster}");
+}
