@@ -22,90 +22,17 @@ CUT_AFTER=${CUT_AFTER:-1}
 MAX_DETECT_MS=${MAX_DETECT_MS:-3000}
 PORT=47100
 
-skip() {
-    if [[ "${CI:-}" == "true" ]]; then
-        echo "FAIL: netns fault harness cannot run: $1 (a skip is a failure under CI=true)"
-        exit 1
-    fi
-    echo "SKIP: netns fault harness: $1"
-    exit 0
-}
-fail() { echo "FAIL: $*"; exit 1; }
-
-[[ $(id -u) -eq 0 ]] || skip "needs root (creates network namespaces)"
-command -v ip >/dev/null || skip "the ip command (iproute2) is missing"
-ip netns list >/dev/null 2>&1 || skip "ip netns is unavailable"
-
 BIN=${1:-${CARGO_TARGET_DIR:-target}/release/examples/netns_node}
 if [[ ! -x "$BIN" ]]; then
     cargo build --release -p fusion_cluster --example netns_node
 fi
+
+# shellcheck source=netns-lib.sh
+source scripts/netns-lib.sh
 [[ -x "$BIN" ]] || fail "no netns_node binary at $BIN"
-
-P="fbn$(( $$ % 10000 ))"
-NS_C="${P}c" NS_1="${P}w1" NS_2="${P}w2"
-TMP=$(mktemp -d)
-PIDS=()
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill -9 "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    for ns in "$NS_C" "$NS_1" "$NS_2"; do
-        ip netns del "$ns" 2>/dev/null || true
-    done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-if ! ip netns add "$NS_C" 2>"$TMP/err"; then
-    skip "ip netns add failed: $(cat "$TMP/err")"
-fi
-ip netns add "$NS_1"
-ip netns add "$NS_2"
-for i in 1 2; do
-    ns_var="NS_$i"
-    ip link add "${P}c$i" type veth peer name "${P}w$i"
-    ip link set "${P}c$i" netns "$NS_C"
-    ip link set "${P}w$i" netns "${!ns_var}"
-    ip -n "$NS_C" addr add "10.201.$i.1/24" dev "${P}c$i"
-    ip -n "${!ns_var}" addr add "10.201.$i.2/24" dev "${P}w$i"
-    ip -n "$NS_C" link set "${P}c$i" up
-    ip -n "${!ns_var}" link set "${P}w$i" up
-    ip -n "${!ns_var}" link set lo up
-done
-ip -n "$NS_C" link set lo up
 
 JOB="$TMP/job"
 mkdir -m 700 "$JOB"
-
-# wait_for FILE PATTERN SECONDS
-wait_for() {
-    local i
-    for (( i = 0; i < $3 * 20; i++ )); do
-        grep -q "$2" "$1" 2>/dev/null && return 0
-        sleep 0.05
-    done
-    fail "no '$2' in $1 within $3 s: $(cat "$1" 2>/dev/null)"
-}
-
-# wait_pid PID SECONDS: the exit status, or fails on timeout.
-wait_pid() {
-    local i st
-    for (( i = 0; i < $2 * 20; i++ )); do
-        st=$(ps -o stat= -p "$1" 2>/dev/null || true)
-        if [[ -z $st || $st == Z* ]]; then
-            wait "$1"
-            return $?
-        fi
-        sleep 0.05
-    done
-    fail "process $1 still running after $2 s"
-}
 
 # run NAME CUT: one coordinator + two workers; CUT=1 cuts w1's link mid-run.
 run() {
