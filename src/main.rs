@@ -16,7 +16,9 @@
 //! `--job-dir DIR` is the folder, shared by the job's processes, that holds the job's CA
 //! (default `<path.output_dir>/.cluster/<job id>`); `--node-name` names a worker in logs. The
 //! job id is a hash of the method, model pool and task pool configs: a worker started with
-//! another config is refused.
+//! another config is refused. Under `srun` with several tasks the roles come from Slurm: rank 0
+//! serves on the first node of the job at port `20000 + SLURM_JOB_ID % 40000`, and the other
+//! ranks join it.
 
 use anyhow::{bail, Context, Result};
 use fusion_bench::config::{compose_from_args, default_config_dirs, ProgramConfig, TaskPoolKind};
@@ -138,9 +140,16 @@ struct ClusterArgs {
 
 fn socket_addr(flag: &str, v: &str) -> Result<std::net::SocketAddr> {
     use std::net::ToSocketAddrs;
-    v.to_socket_addrs()
+    let addrs: Vec<_> = v
+        .to_socket_addrs()
         .with_context(|| format!("{flag} {v}: not a HOST:PORT address"))?
-        .next()
+        .collect();
+    // IPv4 first: a coordinator serves on 0.0.0.0.
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
         .with_context(|| format!("{flag} {v}: the host name resolves to no address"))
 }
 
@@ -156,7 +165,41 @@ fn cluster_args(args: &mut Vec<String>) -> Result<ClusterArgs> {
     };
     let job_dir = take_flag(args, "--job-dir")?.map(PathBuf::from);
     let node_name = take_flag(args, "--node-name")?;
-    Ok(ClusterArgs { serve, join, min_workers, job_dir, node_name })
+    let mut c = ClusterArgs { serve, join, min_workers, job_dir, node_name };
+    if c.serve.is_none() && c.join.is_none() {
+        slurm_roles(&mut c)?;
+    }
+    Ok(c)
+}
+
+/// Under `srun` with several tasks: rank 0 serves on the first node at a port derived from the
+/// job id and waits for the other ranks, which join it.
+fn slurm_roles(c: &mut ClusterArgs) -> Result<()> {
+    let Some(task) = fusion_cluster::slurm::SlurmTask::from_env()? else { return Ok(()) };
+    if task.world_size < 2 {
+        return Ok(());
+    }
+    let port = task.coordinator_port();
+    if task.is_coordinator() {
+        c.serve = Some(std::net::SocketAddr::from(([0, 0, 0, 0], port)));
+        if c.min_workers == 0 {
+            c.min_workers = task.world_size - 1;
+        }
+    } else {
+        let host = format!("{}:{port}", task.coordinator_host());
+        c.join = Some(socket_addr("the Slurm coordinator", &host)?);
+    }
+    if c.node_name.is_none() {
+        c.node_name = Some(format!("rank-{}", task.rank));
+    }
+    tracing::info!(
+        rank = task.rank,
+        of = task.world_size,
+        job = task.job_id,
+        coordinator = %format!("{}:{port}", task.coordinator_host()),
+        "Slurm task"
+    );
+    Ok(())
 }
 
 /// A stable hash (FNV-1a, 64 bits) of what a cluster's processes must agree on.
