@@ -15,5 +15,6 @@ pub mod models;
 pub mod program;
 pub mod progress;
 pub mod report;
+pub mod sweep;
 pub mod tasks;
 pub mod weights;

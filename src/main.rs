@@ -26,6 +26,7 @@ use fusion_bench::data::cache::CropCache;
 use fusion_bench::hub::Hub;
 use fusion_bench::methods::{self, ModelPool};
 use fusion_bench::program::{self, DatasetRef, EvalPlan};
+use fusion_bench::sweep;
 use std::path::PathBuf;
 
 fn plan(cfg: &ProgramConfig) -> Result<Option<EvalPlan>> {
@@ -242,7 +243,14 @@ fn main() -> Result<()> {
     let len = args.len();
     args.retain(|a| a != "--prefetch");
     let want_prefetch = args.len() != len;
+    let multirun = take_multirun(&mut args);
     let cluster = cluster_args(&mut args)?;
+    if multirun {
+        if want_prefetch {
+            bail!("--prefetch with -m: prefetch one setting of the sweep (without -m)");
+        }
+        return run_sweep(args, &cluster);
+    }
     let composed = compose_from_args(&args, &default_config_dirs())?;
     if composed.cfg().is_some() {
         print!("{}", composed.to_yaml()?);
@@ -258,11 +266,24 @@ fn main() -> Result<()> {
     if cfg.dry_run {
         return Ok(());
     }
+    run_config(&cfg, &cluster).map(|_| ())
+}
+
+/// Removes `-m`/`--multirun` from `args`; whether it was there.
+fn take_multirun(args: &mut Vec<String>) -> bool {
+    let len = args.len();
+    args.retain(|a| a != "-m" && a != "--multirun");
+    args.len() != len
+}
+
+/// Runs one composed configuration: the method, then the evaluation (here, or as a worker or
+/// coordinator of a cluster). Returns the report when this process wrote one.
+fn run_config(cfg: &ProgramConfig, cluster: &ClusterArgs) -> Result<Option<serde_json::Value>> {
     let hub = Hub::default();
     let ctx = methods::Context { log_dir: cfg.path.log_dir.clone(), seed: cfg.seed };
     let method = methods::build(&cfg.method, &ctx)?;
     let mut pool = ModelPool::from_config(&cfg.modelpool, &hub)?;
-    let Some(plan) = plan(&cfg)? else {
+    let Some(plan) = plan(cfg)? else {
         // Nothing to evaluate: the merged model goes straight to disk, tensor by tensor.
         let save_to = cfg.merged_model_path().map(PathBuf::from);
         if let Some(dir) = &save_to {
@@ -278,7 +299,7 @@ fn main() -> Result<()> {
             }
             None => tracing::info!("no task pool to evaluate with: nothing to report"),
         }
-        return Ok(());
+        return Ok(None);
     };
     let t0 = std::time::Instant::now();
     let merged = method.run(&pool)?;
@@ -287,24 +308,87 @@ fn main() -> Result<()> {
     if let Some(addr) = cluster.join {
         let name =
             cluster.node_name.clone().unwrap_or_else(|| format!("worker-{}", std::process::id()));
-        return program::run_worker(
+        program::run_worker(
             &plan,
             &hub,
             &pool,
             &merged,
             addr,
             &name,
-            &cluster_options(&cfg, &cluster),
-        );
+            &cluster_options(cfg, cluster),
+        )?;
+        return Ok(None);
     }
     let distribution = match cluster.serve {
         Some(listen) => program::Distribution::Serve {
             listen,
-            options: Box::new(cluster_options(&cfg, &cluster)),
+            options: Box::new(cluster_options(cfg, cluster)),
         },
         None => program::Distribution::Local,
     };
     let report = program::run(&plan, &hub, &pool, &merged, distribution)?;
     println!("{}", fusion_bench::report::to_python_json(&report));
+    Ok(Some(report))
+}
+
+/// `-m`: every cell of the sweep in order, skipping those with a result in the sweep store;
+/// SIGTERM or SIGUSR2 (Slurm preemption) ends the sweep after the current cell, with status 143.
+fn run_sweep(args: Vec<String>, cluster: &ClusterArgs) -> Result<()> {
+    let (args, sweep_dir) = sweep::take_sweep_dir(args);
+    let cells = sweep::expand(&args)?;
+    let first = compose_from_args(&cells[0].args, &default_config_dirs())?.program_config()?;
+    let dir = sweep_dir.unwrap_or_else(|| sweep::default_dir(&first, &cells));
+    let store = sweep::SweepStore::open(&dir, &cells)?;
+    let stop = sweep::stop_on_signals()?;
+    let hub = Hub::default();
+    tracing::info!(cells = cells.len(), dir = %dir.display(), "sweep");
+    let mut rows = Vec::new();
+    let (mut computed, mut skipped, mut failed) = (0, 0, 0);
+    for cell in &cells {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!(
+                done = computed + skipped,
+                of = cells.len(),
+                "signal received: stopping the sweep for requeue"
+            );
+            store.write_summary(&rows)?;
+            std::process::exit(143);
+        }
+        let composed = compose_from_args(&cell.args, &default_config_dirs())?;
+        let mut cfg = composed.program_config()?;
+        let key = sweep::cell_key(&composed, &cfg, &hub)?;
+        if let Some(report) = store.result(&key) {
+            tracing::info!(cell = cell.index, settings = %cell.label(), "cell skipped: it has a result");
+            skipped += 1;
+            rows.push(sweep::Row::done(cell, &key, report));
+            continue;
+        }
+        cfg.report_save_path = Some(store.report_path(&key).display().to_string());
+        let t0 = std::time::Instant::now();
+        match run_config(&cfg, cluster) {
+            Ok(Some(report)) => {
+                computed += 1;
+                tracing::info!(cell = cell.index, settings = %cell.label(), seconds = t0.elapsed().as_secs_f64(), "cell done");
+                rows.push(sweep::Row::done(cell, &key, report));
+            }
+            Ok(None) => {
+                // A worker (or a run without a task pool): the coordinator writes the result.
+                computed += 1;
+                rows.push(sweep::Row::pending(cell, &key));
+            }
+            Err(e) => {
+                failed += 1;
+                tracing::error!(cell = cell.index, settings = %cell.label(), "cell failed: {e:#}");
+                store.record_error(&key, &format!("{e:#}"))?;
+                rows.push(sweep::Row::failed(cell, &key, &format!("{e:#}")));
+            }
+        }
+    }
+    store.write_summary(&rows)?;
+    println!("{}", sweep::table(&rows));
+    tracing::info!(cells = cells.len(), computed, skipped, failed, dir = %dir.display(), "sweep done");
+    if failed > 0 {
+        bail!("{failed} of {} cells failed (their errors are in {}); rerun the same command to retry them", cells.len(), dir.display());
+    }
     Ok(())
 }

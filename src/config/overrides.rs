@@ -199,7 +199,7 @@ fn unquote(v: &str) -> &str {
 }
 
 /// Split at top-level commas (outside quotes, brackets and `${...}`).
-fn split_top(s: &str) -> Result<Vec<&str>, String> {
+pub fn split_top(s: &str) -> Result<Vec<&str>, String> {
     let mut parts = Vec::new();
     let (mut depth, mut quote, mut start) = (0i32, None::<char>, 0);
     let mut prev = '\0';

@@ -1,0 +1,174 @@
+//! Sweeps (`-m`) on the bundled fixtures: cells equal single runs, a rerun skips finished
+//! cells, a preempted sweep (SIGTERM/SIGUSR2) resumes without computing any cell twice, failed
+//! cells are recorded and retried, and a folder of another sweep is refused.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fusion_bench(args: &[String]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fusion_bench"));
+    c.args(args)
+        .env("HF_HOME", root().join("tests/fixtures/hf_home"))
+        .env("FUSION_BENCH_IMAGE_CACHE_GB", "0")
+        .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "0")
+        .current_dir(root());
+    c
+}
+
+fn base(extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8",
+        "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
+        "print_config=false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn sweep(dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["-m".to_string()];
+    args.extend(base(extra));
+    args.push(format!("sweep_dir={}", dir.display()));
+    fusion_bench(&args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn count(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+fn reports(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("cells"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("report.json"))
+        .filter(|p| p.exists())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn cells_equal_single_runs_and_a_rerun_skips_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sweep");
+    let out = sweep(&dir, &["method=task_arithmetic", "method.scaling_factor=0.2,0.4"]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(count(&log, "cell done"), 2, "{log}");
+    assert!(log.contains("computed=2 skipped=0 failed=0"), "{log}");
+    let summary = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
+    assert_eq!(summary.lines().count(), 3, "{summary}");
+    assert!(
+        summary.starts_with("cell,method.scaling_factor,status,average_accuracy,sun397_accuracy")
+    );
+    // Cell 1 is exactly the single run of its setting.
+    let single = tmp.path().join("single.json");
+    let mut args = base(&["method=task_arithmetic", "method.scaling_factor=0.4"]);
+    args.push(format!("report_save_path={}", single.display()));
+    let o = fusion_bench(&args).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let single = std::fs::read(single).unwrap();
+    let line = summary.lines().nth(2).unwrap();
+    let key = line.split(',').rev().nth(1).unwrap();
+    assert_eq!(std::fs::read(dir.join("cells").join(key).join("report.json")).unwrap(), single);
+
+    let again = sweep(&dir, &["method=task_arithmetic", "method.scaling_factor=0.2,0.4"]);
+    let log = stderr(&again);
+    assert!(again.status.success(), "{log}");
+    assert!(log.contains("computed=0 skipped=2 failed=0"), "{log}");
+
+    // A half-written result is not a result: that cell is computed again.
+    let victim = &reports(&dir)[0];
+    std::fs::write(victim, "{\"model_info\": {\"trainable").unwrap();
+    let third = sweep(&dir, &["method=task_arithmetic", "method.scaling_factor=0.2,0.4"]);
+    assert!(stderr(&third).contains("computed=1 skipped=1 failed=0"), "{}", stderr(&third));
+
+    // Another sweep in the same folder is refused.
+    let other = sweep(&dir, &["method=task_arithmetic", "method.scaling_factor=0.2,0.5"]);
+    assert!(!other.status.success());
+    assert!(stderr(&other).contains("different sweep"), "{}", stderr(&other));
+}
+
+#[test]
+fn preempted_sweep_resumes_without_computing_a_cell_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sweep");
+    let extra = ["method=task_arithmetic", "method.scaling_factor=0.1,0.2,0.3,0.4,0.5,0.6"];
+    for signal in ["TERM", "USR2"] {
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut args = vec!["-m".to_string()];
+        args.extend(base(&extra));
+        args.push(format!("sweep_dir={}", dir.display()));
+        let mut child =
+            fusion_bench(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut first_log = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            first_log.push_str(&line);
+            first_log.push('\n');
+            if line.contains("cell done") {
+                let pid = child.id().to_string();
+                assert!(Command::new("kill")
+                    .args([&format!("-{signal}"), &pid])
+                    .status()
+                    .unwrap()
+                    .success());
+                break;
+            }
+        }
+        for line in lines {
+            first_log.push_str(&line.unwrap());
+            first_log.push('\n');
+        }
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(143), "SIG{signal}: {first_log}");
+        assert!(first_log.contains("stopping the sweep for requeue"), "{first_log}");
+        let done_first = count(&first_log, "cell done");
+        assert!((1..6).contains(&done_first), "SIG{signal}: {first_log}");
+        assert_eq!(reports(&dir).len(), done_first);
+
+        let resumed = sweep(&dir, &extra);
+        let log = stderr(&resumed);
+        assert!(resumed.status.success(), "{log}");
+        assert_eq!(done_first + count(&log, "cell done"), 6, "a cell was computed twice: {log}");
+        assert!(log.contains(&format!("skipped={done_first}")), "{log}");
+        assert_eq!(reports(&dir).len(), 6);
+    }
+}
+
+#[test]
+fn a_failing_cell_is_recorded_the_others_run_and_a_rerun_retries_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sweep");
+    let extra = ["method=ties_merging", "method.threshold=20,0"];
+    let out = sweep(&dir, &extra);
+    let log = stderr(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("computed=1 skipped=0 failed=1"), "{log}");
+    let summary = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
+    assert!(summary.contains(",done,") && summary.contains(",failed,"), "{summary}");
+    let errors: Vec<PathBuf> = std::fs::read_dir(dir.join("cells"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("error.txt"))
+        .filter(|p| p.exists())
+        .collect();
+    assert_eq!(errors.len(), 1);
+    assert!(std::fs::read_to_string(&errors[0]).unwrap().contains("method.threshold"));
+    let again = sweep(&dir, &extra);
+    assert!(stderr(&again).contains("computed=0 skipped=1 failed=1"), "{}", stderr(&again));
+}
