@@ -351,7 +351,9 @@ fn run_sweep(args: Vec<String>, cluster: &ClusterArgs) -> Result<()> {
                 of = cells.len(),
                 "signal received: stopping the sweep for requeue"
             );
-            store.write_summary(&rows)?;
+            if cluster.join.is_none() {
+                store.write_summary(&rows)?;
+            }
             std::process::exit(143);
         }
         let composed = compose_from_args(&cell.args, &default_config_dirs())?;
@@ -379,10 +381,17 @@ fn run_sweep(args: Vec<String>, cluster: &ClusterArgs) -> Result<()> {
             Err(e) => {
                 failed += 1;
                 tracing::error!(cell = cell.index, settings = %cell.label(), "cell failed: {e:#}");
-                store.record_error(&key, &format!("{e:#}"))?;
+                // The store is the coordinator's: a worker only logs.
+                if cluster.join.is_none() {
+                    store.record_error(&key, &format!("{e:#}"))?;
+                }
                 rows.push(sweep::Row::failed(cell, &key, &format!("{e:#}")));
             }
         }
+    }
+    if cluster.join.is_some() {
+        tracing::info!(cells = cells.len(), computed, skipped, failed, "sweep done (worker)");
+        return Ok(());
     }
     store.write_summary(&rows)?;
     println!("{}", sweep::table(&rows));

@@ -15,6 +15,8 @@ fn fusion_bench(args: &[String]) -> Command {
     c.args(args)
         .env("HF_HOME", root().join("tests/fixtures/hf_home"))
         .env("FUSION_BENCH_IMAGE_CACHE_GB", "0")
+        // One intra-op thread: local and distributed runs compute each batch identically.
+        .env("OMP_NUM_THREADS", "1")
         .env("RUST_LOG", "info")
         .env("RUST_BACKTRACE", "0")
         .current_dir(root());
@@ -171,4 +173,64 @@ fn a_failing_cell_is_recorded_the_others_run_and_a_rerun_retries_it() {
     assert!(std::fs::read_to_string(&errors[0]).unwrap().contains("method.threshold"));
     let again = sweep(&dir, &extra);
     assert!(stderr(&again).contains("computed=0 skipped=1 failed=1"), "{}", stderr(&again));
+}
+
+#[test]
+fn a_sweep_over_three_slurm_ranks_gives_the_local_sweep_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = [
+        "method=task_arithmetic",
+        "method.scaling_factor=0.2,0.4",
+        "taskpool.dataloader_kwargs.batch_size=16",
+    ];
+    let local = tmp.path().join("local");
+    let out = sweep(&local, &extra);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Three processes as srun would start them (simulated nodes on this host): rank 0 serves,
+    // ranks 1 and 2 join, every process walks the same cells.
+    let dist = tmp.path().join("dist");
+    let mut args = vec!["-m".to_string()];
+    args.extend(base(&extra));
+    args.push(format!("sweep_dir={}", dist.display()));
+    args.extend(["--job-dir".to_string(), tmp.path().join("job").display().to_string()]);
+    let job_id = (std::process::id() % 30_000 + 1_000).to_string();
+    let children: Vec<_> = (0..3)
+        .map(|rank| {
+            fusion_bench(&args)
+                .env("SLURM_PROCID", rank.to_string())
+                .env("SLURM_NTASKS", "3")
+                .env("SLURM_JOB_ID", &job_id)
+                .env("SLURM_JOB_NODELIST", "localhost")
+                .env("FUSION_BENCH_FAST_TIMEOUTS", "1")
+                .env("OMP_NUM_THREADS", "1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let logs: Vec<(bool, String)> = children
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+        })
+        .collect();
+    for (i, (ok, log)) in logs.iter().enumerate() {
+        assert!(ok, "rank {i} failed:\n{log}");
+    }
+    assert!(logs[0].1.contains("computed=2 skipped=0 failed=0"), "{}", logs[0].1);
+    assert!(logs[1].1.contains("sweep done (worker)"), "{}", logs[1].1);
+    let local_reports = reports(&local);
+    let dist_reports = reports(&dist);
+    assert_eq!(local_reports.len(), 2);
+    for (a, b) in local_reports.iter().zip(&dist_reports) {
+        assert_eq!(a.file_name(), b.file_name());
+        assert_eq!(a.parent().unwrap().file_name(), b.parent().unwrap().file_name(), "cell keys");
+        assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap(), "{}", b.display());
+    }
+    // Every rank took part in the evaluations.
+    let meta = std::fs::read_to_string(dist_reports[0].with_extension("json.meta.json")).unwrap();
+    assert!(meta.contains("rank-1") && meta.contains("rank-2"), "{meta}");
 }
