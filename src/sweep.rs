@@ -245,9 +245,28 @@ impl SweepStore {
         crate::report::write_atomic(&dir.join("error.txt"), format!("{error}\n").as_bytes())
     }
 
-    /// Writes `summary.csv`: one row per cell.
+    /// Writes `summary.csv` (one row per cell) and, when the sweep has one numeric swept key,
+    /// `summary.png`: average accuracy against it.
     pub fn write_summary(&self, rows: &[Row]) -> Result<()> {
-        crate::report::write_atomic(&self.dir.join("summary.csv"), summary_csv(rows).as_bytes())
+        crate::report::write_atomic(&self.dir.join("summary.csv"), summary_csv(rows).as_bytes())?;
+        let one_key = rows.first().is_some_and(|r| r.cell.swept.len() == 1);
+        let points: Option<Vec<(f64, f64)>> = rows
+            .iter()
+            .filter(|r| r.report.is_some())
+            .map(|r| Some((r.cell.swept.first()?.1.parse::<f64>().ok()?, r.accuracy("average")?)))
+            .collect();
+        if let (true, Some(points)) = (one_key, points) {
+            if points.len() >= 2 {
+                let key = &rows[0].cell.swept[0].0;
+                crate::report::plot::save_line_png(
+                    &self.dir.join("summary.png"),
+                    &points,
+                    key,
+                    "average accuracy",
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 

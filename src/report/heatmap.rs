@@ -4,6 +4,7 @@
 //! left, column labels (vertical) below, a colour bar on the right. Text uses a built-in 5×7
 //! pixel font, so no font files or plotting stack are needed.
 
+use super::canvas::{text_width, Canvas, LINE};
 use anyhow::{Context, Result};
 use std::path::Path;
 
@@ -32,98 +33,6 @@ fn gnbu(t: f64) -> [u8; 3] {
     c
 }
 
-/// 5×7 glyphs, one byte per row, bit 4 the leftmost pixel.
-fn glyph(c: char) -> [u8; 7] {
-    match c.to_ascii_lowercase() {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
-        '-' => [0, 0, 0, 0x1F, 0, 0, 0],
-        '_' => [0, 0, 0, 0, 0, 0, 0x1F],
-        ' ' => [0; 7],
-        'a' => [0x00, 0x00, 0x0E, 0x01, 0x0F, 0x11, 0x0F],
-        'b' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1E],
-        'c' => [0x00, 0x00, 0x0E, 0x10, 0x10, 0x11, 0x0E],
-        'd' => [0x01, 0x01, 0x0D, 0x13, 0x11, 0x11, 0x0F],
-        'e' => [0x00, 0x00, 0x0E, 0x11, 0x1F, 0x10, 0x0E],
-        'f' => [0x06, 0x09, 0x08, 0x1C, 0x08, 0x08, 0x08],
-        'g' => [0x00, 0x0F, 0x11, 0x11, 0x0F, 0x01, 0x0E],
-        'h' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11],
-        'i' => [0x04, 0x00, 0x0C, 0x04, 0x04, 0x04, 0x0E],
-        'j' => [0x02, 0x00, 0x06, 0x02, 0x02, 0x12, 0x0C],
-        'k' => [0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12],
-        'l' => [0x0C, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'm' => [0x00, 0x00, 0x1A, 0x15, 0x15, 0x11, 0x11],
-        'n' => [0x00, 0x00, 0x16, 0x19, 0x11, 0x11, 0x11],
-        'o' => [0x00, 0x00, 0x0E, 0x11, 0x11, 0x11, 0x0E],
-        'p' => [0x00, 0x00, 0x1E, 0x11, 0x1E, 0x10, 0x10],
-        'q' => [0x00, 0x00, 0x0D, 0x13, 0x0F, 0x01, 0x01],
-        'r' => [0x00, 0x00, 0x16, 0x19, 0x10, 0x10, 0x10],
-        's' => [0x00, 0x00, 0x0E, 0x10, 0x0E, 0x01, 0x1E],
-        't' => [0x08, 0x08, 0x1C, 0x08, 0x08, 0x09, 0x06],
-        'u' => [0x00, 0x00, 0x11, 0x11, 0x11, 0x13, 0x0D],
-        'v' => [0x00, 0x00, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'w' => [0x00, 0x00, 0x11, 0x11, 0x15, 0x15, 0x0A],
-        'x' => [0x00, 0x00, 0x11, 0x0A, 0x04, 0x0A, 0x11],
-        'y' => [0x00, 0x00, 0x11, 0x11, 0x0F, 0x01, 0x0E],
-        'z' => [0x00, 0x00, 0x1F, 0x02, 0x04, 0x08, 0x1F],
-        _ => [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F],
-    }
-}
-
-/// Pixel scale of the font and the advance of one character.
-const SCALE: u32 = 2;
-const ADVANCE: u32 = 6 * SCALE;
-const LINE: u32 = 7 * SCALE;
-
-struct Canvas {
-    img: image::RgbImage,
-}
-
-impl Canvas {
-    fn fill(&mut self, x0: u32, y0: u32, w: u32, h: u32, c: [u8; 3]) {
-        for y in y0..(y0 + h).min(self.img.height()) {
-            for x in x0..(x0 + w).min(self.img.width()) {
-                self.img.put_pixel(x, y, image::Rgb(c));
-            }
-        }
-    }
-
-    /// Draws `text` with its top-left corner at (x, y); `vertical` turns it 90° anticlockwise
-    /// (reading bottom to top, starting at (x, y) as its bottom-left corner).
-    fn text(&mut self, x: u32, y: u32, text: &str, c: [u8; 3], vertical: bool) {
-        for (i, ch) in text.chars().enumerate() {
-            let g = glyph(ch);
-            for (row, bits) in g.iter().enumerate() {
-                for col in 0..5u32 {
-                    if bits & (0x10 >> col) == 0 {
-                        continue;
-                    }
-                    let (gx, gy) = (i as u32 * ADVANCE + col * SCALE, row as u32 * SCALE);
-                    let (px, py) = if vertical {
-                        (x + gy, y.saturating_sub(gx + SCALE))
-                    } else {
-                        (x + gx, y + gy)
-                    };
-                    self.fill(px, py, SCALE, SCALE, c);
-                }
-            }
-        }
-    }
-}
-
-fn text_width(s: &str) -> u32 {
-    s.chars().count() as u32 * ADVANCE
-}
-
 /// Draws `m` (rows and columns labelled `names`) under `title` and writes it to `path` as PNG,
 /// atomically.
 pub fn save_png(path: &Path, names: &[String], m: &[Vec<f64>], title: &str) -> Result<()> {
@@ -139,7 +48,7 @@ pub fn save_png(path: &Path, names: &[String], m: &[Vec<f64>], title: &str) -> R
     let (grid, bar_w) = (n * cell, 24u32);
     let width = left + grid + 24 + bar_w + text_width("-0.00") + 24;
     let height = top + grid + label_w + 8;
-    let mut c = Canvas { img: image::RgbImage::from_pixel(width, height, image::Rgb([255; 3])) };
+    let mut c = Canvas::new(width, height);
     let black = [0, 0, 0];
     c.text(left + grid.saturating_sub(text_width(title)) / 2, LINE, title, black, false);
     for (i, row) in m.iter().enumerate().take(n as usize) {
@@ -169,10 +78,7 @@ pub fn save_png(path: &Path, names: &[String], m: &[Vec<f64>], title: &str) -> R
     }
     c.text(bx + bar_w + 6, top, &format!("{hi:.2}"), black, false);
     c.text(bx + bar_w + 6, top + grid - LINE, &format!("{lo:.2}"), black, false);
-    let mut bytes = Vec::new();
-    c.img
-        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .context("encoding the heatmap")?;
+    let bytes = c.png().context("encoding the heatmap")?;
     super::write_atomic(path, &bytes)
 }
 

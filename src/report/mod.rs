@@ -2,7 +2,9 @@
 //! separators `", "` and `": "`, no indent, Python `repr` floats (`1e-05`, `0.5`, `1.0`),
 //! `NaN`/`Infinity` for non-finite values.
 
+mod canvas;
 pub mod heatmap;
+pub mod plot;
 
 use serde_json::Value;
 use std::path::Path;
