@@ -12,7 +12,8 @@
 //! Distributed evaluation: every process runs the same command line (so each merges the same
 //! model from its own files). One adds `--serve HOST:PORT` and becomes the coordinator (it also
 //! evaluates, and writes the report); the others add `--join HOST:PORT` and become workers.
-//! `--min-workers N` makes the coordinator wait (up to a minute) for N workers before starting;
+//! `--min-workers N` makes the coordinator wait (up to a minute, or `--wait SECONDS`) for N
+//! workers before starting; a worker waits as long for its coordinator;
 //! `--job-dir DIR` is the folder, shared by the job's processes, that holds the job's CA
 //! (default `<path.output_dir>/.cluster/<job id>`); `--node-name` names a worker in logs. The
 //! job id is a hash of the method, model pool and task pool configs: a worker started with
@@ -137,6 +138,9 @@ struct ClusterArgs {
     min_workers: usize,
     job_dir: Option<PathBuf>,
     node_name: Option<String>,
+    /// `--wait SECONDS`: how long a coordinator waits for `--min-workers`, and a worker for its
+    /// coordinator.
+    wait: Option<std::time::Duration>,
 }
 
 fn socket_addr(flag: &str, v: &str) -> Result<std::net::SocketAddr> {
@@ -166,7 +170,16 @@ fn cluster_args(args: &mut Vec<String>) -> Result<ClusterArgs> {
     };
     let job_dir = take_flag(args, "--job-dir")?.map(PathBuf::from);
     let node_name = take_flag(args, "--node-name")?;
-    let mut c = ClusterArgs { serve, join, min_workers, job_dir, node_name };
+    let wait = match take_flag(args, "--wait")? {
+        Some(v) => Some(std::time::Duration::from_secs_f64(
+            v.parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .with_context(|| format!("--wait {v}: not a number of seconds"))?,
+        )),
+        None => None,
+    };
+    let mut c = ClusterArgs { serve, join, min_workers, job_dir, node_name, wait };
     if c.serve.is_none() && c.join.is_none() {
         slurm_roles(&mut c)?;
     }
@@ -222,10 +235,12 @@ fn cluster_options(cfg: &ProgramConfig, c: &ClusterArgs) -> program::ClusterOpti
             .join(&id)
     });
     let mut o = program::ClusterOptions::new(id, dir);
-    o.min_workers = c.min_workers;
     if std::env::var_os("FUSION_BENCH_FAST_TIMEOUTS").is_some() {
         o = o.fast(); // tests: idle 1 s, keep-alive 0.3 s
-        o.min_workers = c.min_workers;
+    }
+    o.min_workers = c.min_workers;
+    if let Some(w) = c.wait {
+        o.wait_for_workers = w;
     }
     o
 }

@@ -151,3 +151,27 @@ fn three_processes_give_the_single_process_report_even_with_a_worker_killed() {
     assert_eq!(cluster["workers_lost"], 1, "{cluster}");
     assert_eq!(cluster["computed_twice"], 0, "{cluster}");
 }
+
+#[test]
+fn a_missing_coordinator_is_a_clear_error_not_a_hang() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A port nobody listens on.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut a = args(&tmp.path().join("w.json"));
+    a.extend([
+        "--join".into(),
+        format!("127.0.0.1:{port}"),
+        "--wait".into(),
+        "2".into(),
+        "--job-dir".into(),
+        tmp.path().join("job").display().to_string(),
+    ]);
+    let t0 = Instant::now();
+    let out = command(&a, "warn").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "took {:?}", t0.elapsed());
+    let bad = command(&["--join".into(), "nowhere:".into()], "warn").output().unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--join nowhere:"));
+}

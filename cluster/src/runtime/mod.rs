@@ -76,8 +76,9 @@ pub const COORDINATOR_NODE_NAME: &str = "coordinator";
 /// Name of the coordinator's in-process worker in [`RunSummary::per_worker`].
 pub const LOCAL_WORKER_NAME: &str = "local";
 
-/// How long a worker waits for the job CA to appear in [`ClusterOptions::job_dir`].
-const CA_WAIT: Duration = Duration::from_secs(30);
+/// The least a worker waits for the job CA to appear in [`ClusterOptions::job_dir`] (otherwise
+/// as long as [`ClusterOptions::wait_for_workers`]).
+const CA_WAIT_MIN: Duration = Duration::from_secs(1);
 
 /// How long closing waits for the last packets (the final close frames) to leave.
 const CLOSE_LINGER: Duration = Duration::from_millis(500);
@@ -383,7 +384,7 @@ async fn work(
     executor: Box<dyn Executor>,
     opts: &ClusterOptions,
 ) -> Result<WorkerSummary, ClusterError> {
-    let ca = JobCredentials::wait_and_load(&opts.job_dir, CA_WAIT)?;
+    let ca = JobCredentials::wait_and_load(&opts.job_dir, opts.wait_for_workers.max(CA_WAIT_MIN))?;
     let node = ca.issue_node(name, &[])?;
     let bind: SocketAddr = if coordinator.is_ipv4() {
         SocketAddr::from(([0, 0, 0, 0], 0))
