@@ -17,7 +17,9 @@
 //! `--job-dir DIR` is the folder, shared by the job's processes, that holds the job's CA
 //! (default `<path.output_dir>/.cluster/<job id>`); `--node-name` names a worker in logs. The
 //! job id is a hash of the method, model pool and task pool configs: a worker started with
-//! another config is refused. Under `srun` with several tasks the roles come from Slurm: rank 0
+//! another config is refused. `--hosts h1:PORT,h2,h3 --rank R` sets the roles for a launch by
+//! hand on a few hosts (rank 0 serves on h1). Under `srun` with several tasks the roles come
+//! from Slurm: rank 0
 //! serves on the first node of the job at port `20000 + SLURM_JOB_ID % 40000`, and the other
 //! ranks join it.
 
@@ -179,11 +181,55 @@ fn cluster_args(args: &mut Vec<String>) -> Result<ClusterArgs> {
         )),
         None => None,
     };
+    let hosts = take_flag(args, "--hosts")?;
+    let rank = take_flag(args, "--rank")?;
     let mut c = ClusterArgs { serve, join, min_workers, job_dir, node_name, wait };
-    if c.serve.is_none() && c.join.is_none() {
-        slurm_roles(&mut c)?;
+    match (hosts, rank) {
+        (Some(hosts), Some(rank)) => {
+            if c.serve.is_some() || c.join.is_some() {
+                bail!("--hosts/--rank choose the role: leave out --serve and --join");
+            }
+            host_roles(&mut c, &hosts, &rank)?;
+        }
+        (None, None) => {
+            if c.serve.is_none() && c.join.is_none() {
+                slurm_roles(&mut c)?;
+            }
+        }
+        _ => bail!("--hosts and --rank go together (--hosts h1:7000,h2,h3 --rank 0 on h1, --rank 1 on h2, ...)"),
     }
     Ok(c)
+}
+
+/// `--hosts h1:PORT,h2,h3 --rank R` (a launch by hand on a few hosts): rank 0 serves on the
+/// first host's port and waits for the others, which join it.
+fn host_roles(c: &mut ClusterArgs, hosts: &str, rank: &str) -> Result<()> {
+    let list: Vec<&str> = hosts.split(',').map(str::trim).collect();
+    if list.iter().any(|h| h.is_empty()) {
+        bail!("--hosts {hosts}: an empty host in the list");
+    }
+    let rank: usize = rank.parse().with_context(|| format!("--rank {rank}: not a number"))?;
+    if rank >= list.len() {
+        bail!("--rank {rank}: the list --hosts {hosts} has {} hosts", list.len());
+    }
+    let first = list[0];
+    let (host, port) = first
+        .rsplit_once(':')
+        .with_context(|| format!("--hosts {hosts}: the first host needs a port (host:PORT)"))?;
+    let port: u16 =
+        port.parse().with_context(|| format!("--hosts {hosts}: `{port}` is not a port"))?;
+    if rank == 0 {
+        c.serve = Some(std::net::SocketAddr::from(([0, 0, 0, 0], port)));
+        if c.min_workers == 0 {
+            c.min_workers = list.len() - 1;
+        }
+    } else {
+        c.join = Some(socket_addr("--hosts", &format!("{host}:{port}"))?);
+    }
+    if c.node_name.is_none() {
+        c.node_name = Some(format!("rank-{rank}"));
+    }
+    Ok(())
 }
 
 /// Under `srun` with several tasks: rank 0 serves on the first node at a port derived from the

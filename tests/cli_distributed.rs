@@ -174,4 +174,50 @@ fn a_missing_coordinator_is_a_clear_error_not_a_hang() {
     assert!(t0.elapsed() < Duration::from_secs(30), "took {:?}", t0.elapsed());
     let bad = command(&["--join".into(), "nowhere:".into()], "warn").output().unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--join nowhere:"));
+    for (hosts, rank, want) in [
+        ("h1,h2", "0", "needs a port"),
+        ("h1:7000,h2", "2", "has 2 hosts"),
+        ("h1:7000,,h3", "1", "empty host"),
+    ] {
+        let a = vec!["--hosts".to_string(), hosts.into(), "--rank".into(), rank.into()];
+        let out = command(&a, "warn").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{hosts} {rank}: {err}");
+    }
+}
+
+#[test]
+fn a_host_list_sets_the_roles_of_a_launch_by_hand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let single = single_process_report(tmp.path());
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let hosts = format!("localhost:{port},localhost,localhost");
+    let report = tmp.path().join("hosts.json");
+    let children: Vec<_> = (0..3)
+        .map(|rank| {
+            let mut a = args(&if rank == 0 {
+                report.clone()
+            } else {
+                tmp.path().join(format!("r{rank}.json"))
+            });
+            a.extend([
+                "--hosts".into(),
+                hosts.clone(),
+                "--rank".into(),
+                rank.to_string(),
+                "--job-dir".into(),
+                tmp.path().join("job").display().to_string(),
+            ]);
+            command(&a, "warn").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for (rank, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "rank {rank}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(std::fs::read(&report).unwrap(), single);
+    let mut meta = report.as_os_str().to_owned();
+    meta.push(".meta.json");
+    let meta = std::fs::read_to_string(PathBuf::from(meta)).unwrap();
+    assert!(meta.contains("rank-1") && meta.contains("rank-2"), "{meta}");
 }
