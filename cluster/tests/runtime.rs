@@ -583,3 +583,35 @@ fn shard_actor_shares_loads_reads_ahead_and_evicts() {
         assert!(matches!(shard.batch(1).await, Err(ClusterError::Runtime(_))));
     });
 }
+
+/// An executor whose prefetcher records the items it is told about.
+struct Prefetching {
+    inner: Toy,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Executor for Prefetching {
+    fn execute(&mut self, item: &[u8]) -> Result<Vec<u8>, String> {
+        self.inner.execute(item)
+    }
+    fn prefetcher(&self) -> Option<fusion_cluster::runtime::Prefetcher> {
+        let seen = self.seen.clone();
+        Some(std::sync::Arc::new(move |item: &[u8]| seen.lock().unwrap().push(item.to_vec())))
+    }
+}
+
+#[test]
+fn queued_items_are_announced_to_the_prefetcher() {
+    let _watchdog =
+        watchdog("queued_items_are_announced_to_the_prefetcher", Duration::from_secs(20));
+    let dir = tempfile::tempdir().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let exec = Prefetching { inner: toy(20), seen: seen.clone() };
+    let s =
+        run_coordinator(items(10), Some(Box::new(exec)), None, &opts(dir.path()), |_| {}).unwrap();
+    assert_eq!(s.results, expected(10));
+    let seen = seen.lock().unwrap();
+    // Two items in flight: every item after the first is queued behind a running one.
+    assert!(seen.len() >= 8, "prefetcher saw {} items", seen.len());
+    assert!(seen.iter().all(|i| items(10).contains(i)));
+}

@@ -15,6 +15,7 @@ use crate::hub::{Hub, RepoType};
 use crate::models::clip::{ClipModel, ClipTokenizer, ClipVision};
 use crate::tasks::{self, metrics::TaskMetrics, zeroshot};
 use anyhow::{Context, Result};
+use fusion_cluster::runtime::{Prefetcher, Shard, ShardLoader, ShardOptions};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use tch::{Device, Kind, Tensor};
@@ -44,9 +45,77 @@ pub struct BatchResult {
 /// One task, loaded: its dataset, zero-shot head and, when enabled, its decoded-image cache.
 struct Task {
     name: String,
-    data: ImageDataset,
+    data: Arc<ImageDataset>,
     head: Tensor,
     cached: Option<CachedCrops>,
+}
+
+/// A task's batches as a dataset-shard actor loads them: decoded, resized, cropped u8 images.
+struct TaskLoader {
+    name: String,
+    data: Arc<ImageDataset>,
+    batch_size: usize,
+}
+
+impl ShardLoader for TaskLoader {
+    fn batches(&self) -> usize {
+        self.data.len().div_ceil(self.batch_size)
+    }
+
+    fn load(&mut self, batch: usize) -> std::result::Result<Vec<u8>, String> {
+        let start = batch * self.batch_size;
+        let end = (start + self.batch_size).min(self.data.len());
+        let (crops, _) = self
+            .data
+            .decode_crop_batch(start..end)
+            .map_err(|e| format!("task `{}`: {e}", self.name))?;
+        Ok(crops)
+    }
+}
+
+/// The dataset-shard actors of the tasks without a complete decoded-image cache, started on the
+/// first batch a task is asked for inside the cluster runtime. While a worker computes one
+/// batch, the shard of the next assigned batch decodes it ([`Evaluator::prefetcher`]).
+struct Shards {
+    batch_size: usize,
+    /// Per task, in plan order.
+    tasks: Vec<ShardSlot>,
+}
+
+/// One task's shard: its name, its loader's dataset (`None` when served from the decoded-image
+/// cache) and the shard once started.
+struct ShardSlot {
+    name: String,
+    data: Option<Arc<ImageDataset>>,
+    shard: Mutex<Option<Shard>>,
+}
+
+impl Shards {
+    /// Task `t`'s shard, started now if needed; `None` outside a tokio runtime or for a cached
+    /// task (the caller then decodes itself).
+    fn get(&self, t: usize) -> Option<Shard> {
+        let task = self.tasks.get(t)?;
+        let data = task.data.as_ref()?;
+        let mut slot = task.shard.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            let handle = tokio::runtime::Handle::try_current().ok()?;
+            let loader = TaskLoader {
+                name: task.name.clone(),
+                data: data.clone(),
+                batch_size: self.batch_size,
+            };
+            let opts = ShardOptions { cache_batches: 4, prefetch: 0 };
+            *slot = handle.block_on(Shard::spawn(Box::new(loader), opts)).ok();
+            tracing::debug!(task = %task.name, started = slot.is_some(), "dataset shard");
+        }
+        slot.clone()
+    }
+
+    /// The running shard of task `t`, without starting one.
+    fn running(&self, t: usize) -> Option<Shard> {
+        let task = self.tasks.get(t)?;
+        task.shard.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// Crop-cache entries being filled, shared with the caller so it can publish them after the run.
@@ -62,6 +131,7 @@ pub struct Evaluator {
     fast_dev_run: bool,
     device: Device,
     writers: CacheWriters,
+    shards: Arc<Shards>,
     bar: indicatif::ProgressBar,
 }
 
@@ -107,8 +177,19 @@ impl Evaluator {
                 _ => None,
             };
             writers.push(writer);
-            tasks.push(Task { name: name.clone(), data, head, cached });
+            tasks.push(Task { name: name.clone(), data: Arc::new(data), head, cached });
         }
+        let shards = Arc::new(Shards {
+            batch_size: plan.batch_size.max(1),
+            tasks: tasks
+                .iter()
+                .map(|t| ShardSlot {
+                    name: t.name.clone(),
+                    data: if t.cached.is_some() { None } else { Some(t.data.clone()) },
+                    shard: Mutex::new(None),
+                })
+                .collect(),
+        });
         let mut ev = Self {
             tasks,
             vision,
@@ -118,6 +199,7 @@ impl Evaluator {
             fast_dev_run: plan.fast_dev_run,
             device,
             writers: Arc::new(Mutex::new(writers)),
+            shards,
             bar: indicatif::ProgressBar::hidden(),
         };
         let total: usize = ev.items().iter().map(|i| ev.examples(i)).sum();
@@ -179,10 +261,19 @@ impl Evaluator {
                     (c.batch(start..end, &self.processor), task.data.labels()[start..end].to_vec())
                 }
                 None => {
-                    let (crops, labels) = task
-                        .data
-                        .decode_crop_batch(start..end)
-                        .with_context(|| format!("task `{}`", task.name))?;
+                    let labels = task.data.labels()[start..end].to_vec();
+                    let crops = match self.shards.get(t) {
+                        Some(shard) => shard
+                            .batch_blocking(b as usize)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?
+                            .to_vec(),
+                        None => {
+                            task.data
+                                .decode_crop_batch(start..end)
+                                .with_context(|| format!("task `{}`", task.name))?
+                                .0
+                        }
+                    };
                     let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(w) = writers[t].as_mut() {
                         w.write_at(start, &crops)?;
@@ -211,6 +302,21 @@ impl fusion_cluster::runtime::Executor for Evaluator {
         let item: EvalItem = fusion_cluster::codec::decode(item).map_err(|e| e.to_string())?;
         let result = self.run(&item).map_err(|e| format!("{e:#}"))?;
         fusion_cluster::codec::encode(&result).map_err(|e| e.to_string())
+    }
+
+    /// Asks the item's dataset shard to decode its batches while the current item runs.
+    fn prefetcher(&self) -> Option<Prefetcher> {
+        let shards = self.shards.clone();
+        Some(Arc::new(move |payload: &[u8]| {
+            let Ok(item) = fusion_cluster::codec::decode::<EvalItem>(payload) else { return };
+            let Some(shard) = shards.running(item.task as usize) else { return };
+            for b in item.first_batch..item.first_batch + item.batches {
+                let shard = shard.clone();
+                tokio::spawn(async move {
+                    let _ = shard.batch(b as usize).await;
+                });
+            }
+        }))
     }
 }
 

@@ -90,7 +90,17 @@ const CLOSE_LINGER: Duration = Duration::from_millis(500);
 pub trait Executor: Send + 'static {
     /// Runs `item` and returns its encoded result, or an error in words (which fails the run).
     fn execute(&mut self, item: &[u8]) -> Result<Vec<u8>, String>;
+
+    /// A hook the worker calls, from its actor (inside the tokio runtime, never blocking), for
+    /// each item assigned while another one runs: a chance to start loading that item's inputs
+    /// (e.g. ask a dataset-shard actor to decode its batch). `None` (the default): no read-ahead.
+    fn prefetcher(&self) -> Option<Prefetcher> {
+        None
+    }
 }
+
+/// See [`Executor::prefetcher`]: called with the queued item's payload; must return quickly.
+pub type Prefetcher = std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// Settings of a run, for the coordinator and every worker alike.
 #[derive(Debug, Clone, PartialEq, Eq)]

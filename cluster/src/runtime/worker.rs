@@ -86,6 +86,8 @@ pub(crate) struct WorkerState {
     name: String,
     /// `None` while an item runs on the blocking thread.
     executor: Option<Box<dyn Executor>>,
+    /// The executor's read-ahead hook, if it has one.
+    prefetch: Option<super::Prefetcher>,
     queue: VecDeque<(u64, Vec<u8>)>,
     sink: Sink,
     beats: JoinHandle<()>,
@@ -108,6 +110,7 @@ impl Actor for Worker {
         args.sink.heartbeat();
         Ok(WorkerState {
             name: args.name,
+            prefetch: args.executor.prefetcher(),
             executor: Some(args.executor),
             queue: VecDeque::new(),
             sink: args.sink,
@@ -133,6 +136,12 @@ impl Actor for Worker {
         match msg {
             WorkerMsg::Assign { item, payload } => {
                 debug!(worker = %state.name, item, "item queued");
+                // Busy: let the executor start on this item's inputs while it waits.
+                if state.executor.is_none() || !state.queue.is_empty() {
+                    if let Some(prefetch) = &state.prefetch {
+                        prefetch(&payload);
+                    }
+                }
                 state.queue.push_back((item, payload));
             }
             WorkerMsg::Executed { item, result, executor } => {
