@@ -93,62 +93,33 @@ impl Method for TiesMerging {
         let k = (d - (d as f64 * k_frac) as i64).max(1) as u64;
 
         let t0 = std::time::Instant::now();
-        // Pass A: per-task histograms of |τ| bit patterns. The model is cut into chunks; each
-        // thread reads a chunk of θ₀ once and every task's chunk after it, into its own
-        // histograms, which are added at the end (counts: the order does not matter).
-        let inputs = names
-            .iter()
-            .map(|n| {
-                let thetas = models.iter().map(|m| m.values(n)).collect::<Result<Vec<_>>>()?;
-                Ok((base.values(n)?, thetas))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let units: Vec<(usize, usize)> = inputs
-            .iter()
-            .enumerate()
-            .flat_map(|(i, (b, _))| (0..b.len()).step_by(CHUNK_A).map(move |s| (i, s)))
-            .collect();
-        let t = models.len();
-        let (hist, bad) = units
-            .par_iter()
-            .fold(
-                || (vec![vec![0u32; BINS]; t], usize::MAX),
-                |(mut h, mut bad), &(i, start)| {
-                    let (theta0, thetas) = &inputs[i];
-                    let end = (start + CHUNK_A).min(theta0.len());
-                    let b = &theta0[start..end];
-                    for (ti, theta) in thetas.iter().enumerate() {
-                        let h = &mut h[ti];
-                        let mut finite = true;
-                        for (&x, &b) in theta[start..end].iter().zip(b) {
-                            let bits = (x - b).abs().to_bits();
-                            finite &= bits < 0x7f80_0000;
-                            h[(bits >> SHIFT) as usize] += 1;
-                        }
-                        if !finite {
-                            bad = bad.min(i);
-                        }
+        // Pass A: per-task histograms of |τ| bit patterns.
+        let mut hist = vec![vec![0u32; BINS]; models.len()];
+        let bar = crate::progress::bar("ties: thresholds", names.len(), "tensors");
+        for name in names {
+            let theta0 = base.values(name)?;
+            let results: Vec<bool> = hist
+                .par_iter_mut()
+                .zip(models.par_iter())
+                .map(|(h, m)| -> Result<bool> {
+                    let theta = m.values(name)?;
+                    let mut finite = true;
+                    for (&x, &b) in theta.iter().zip(theta0.iter()) {
+                        let bits = (x - b).abs().to_bits();
+                        finite &= bits < 0x7f80_0000;
+                        h[(bits >> SHIFT) as usize] += 1;
                     }
-                    (h, bad)
-                },
-            )
-            .reduce(
-                || (vec![vec![0u32; BINS]; t], usize::MAX),
-                |(mut a, bad_a), (b, bad_b)| {
-                    for (x, y) in a.iter_mut().zip(&b) {
-                        for (p, q) in x.iter_mut().zip(y) {
-                            *p += q;
-                        }
-                    }
-                    (a, bad_a.min(bad_b))
-                },
-            );
-        drop(inputs);
-        if bad != usize::MAX {
-            let mut all = vec![&base];
-            all.extend(models.iter());
-            return Err(non_finite_error(&names[bad], &all));
+                    Ok(finite)
+                })
+                .collect::<Result<_>>()?;
+            if results.iter().any(|ok| !ok) {
+                let mut inputs = vec![&base];
+                inputs.extend(models.iter());
+                return Err(non_finite_error(name, &inputs));
+            }
+            bar.inc(1);
         }
+        bar.finish_and_clear();
         // The bin holding the k-th value, and the value's rank (1-based) inside it.
         let bins: Vec<(u32, u64)> = hist
             .iter()
@@ -281,8 +252,6 @@ impl Method for TiesMerging {
 /// Bits of a bin key: |τ| bit patterns shifted right by [`SHIFT`] (2¹⁹ bins of 4096 patterns).
 const SHIFT: u32 = 12;
 const BINS: usize = 1 << (31 - SHIFT);
-/// Elements per work unit of pass A (θ₀'s chunk stays in cache while the tasks stream by).
-const CHUNK_A: usize = 1 << 15;
 /// Elements per work unit of pass B.
 const CHUNK: usize = 1 << 12;
 
