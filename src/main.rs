@@ -115,6 +115,13 @@ fn prefetch(_: &ProgramConfig) -> Result<()> {
     bail!("`--prefetch` needs network access, and this binary was built without the `download` feature (rebuild with default features)")
 }
 
+impl ClusterArgs {
+    /// This process alone.
+    fn local() -> Self {
+        Self::default()
+    }
+}
+
 /// Removes `--flag VALUE` or `--flag=VALUE` from `args` and returns the value.
 fn take_flag(args: &mut Vec<String>, flag: &str) -> Result<Option<String>> {
     let prefix = format!("{flag}=");
@@ -134,6 +141,7 @@ fn take_flag(args: &mut Vec<String>, flag: &str) -> Result<Option<String>> {
 }
 
 /// `--serve`, `--join` and their options.
+#[derive(Default)]
 struct ClusterArgs {
     serve: Option<std::net::SocketAddr>,
     join: Option<std::net::SocketAddr>,
@@ -392,8 +400,67 @@ fn run_config(cfg: &ProgramConfig, cluster: &ClusterArgs) -> Result<Option<serde
     Ok(Some(report))
 }
 
-/// `-m`: every cell of the sweep in order, skipping those with a result in the sweep store;
-/// SIGTERM or SIGUSR2 (Slurm preemption) ends the sweep after the current cell, with status 143.
+/// How one cell of a sweep ended in this process.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum CellOutcome {
+    /// It already had a result.
+    Skipped,
+    /// Computed; its report is in the store.
+    Done,
+    /// Failed with this error (recorded in the store; the next run retries it).
+    Failed(String),
+}
+
+/// Runs `cell` in this process (evaluation local), unless the store has its result; writes its
+/// report (or its error) into the store.
+fn run_cell(cell: &sweep::Cell, store: &sweep::SweepStore, hub: &Hub) -> Result<CellOutcome> {
+    let composed = compose_from_args(&cell.args, &default_config_dirs())?;
+    let mut cfg = composed.program_config()?;
+    let key = sweep::cell_key(&composed, &cfg, hub)?;
+    if store.result(&key).is_some() {
+        tracing::info!(cell = cell.index, settings = %cell.label(), "cell skipped: it has a result");
+        return Ok(CellOutcome::Skipped);
+    }
+    cfg.report_save_path = Some(store.report_path(&key).display().to_string());
+    let t0 = std::time::Instant::now();
+    Ok(match run_config(&cfg, &ClusterArgs::local()) {
+        Ok(_) => {
+            tracing::info!(cell = cell.index, settings = %cell.label(), seconds = t0.elapsed().as_secs_f64(), "cell done");
+            CellOutcome::Done
+        }
+        Err(e) => {
+            tracing::error!(cell = cell.index, settings = %cell.label(), "cell failed: {e:#}");
+            store.record_error(&key, &format!("{e:#}"))?;
+            CellOutcome::Failed(format!("{e:#}"))
+        }
+    })
+}
+
+/// Runs whole cells for a distributed sweep: cells are the unit of distribution.
+struct CellExecutor {
+    cells: Vec<sweep::Cell>,
+    store: sweep::SweepStore,
+    hub: Hub,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl fusion_cluster::runtime::Executor for CellExecutor {
+    fn execute(&mut self, item: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("stopped by a signal: the cell is left for the next run".into());
+        }
+        let index: usize = fusion_cluster::codec::decode(item).map_err(|e| e.to_string())?;
+        let cell = self.cells.get(index).ok_or_else(|| format!("no cell #{index}"))?;
+        let outcome = run_cell(cell, &self.store, &self.hub).map_err(|e| format!("{e:#}"))?;
+        fusion_cluster::codec::encode(&outcome).map_err(|e| e.to_string())
+    }
+}
+
+/// `-m`: every cell of the sweep, skipping those with a result in the sweep store; SIGTERM or
+/// SIGUSR2 (Slurm preemption) ends the sweep after the cells that are running, with status 143.
+/// In a cluster (`--serve`/`--join`, `--hosts`, or Slurm) the coordinator hands out whole
+/// cells: each process merges and evaluates its cells itself and writes their reports into the
+/// sweep folder, which must be on a filesystem they share.
 fn run_sweep(args: Vec<String>, cluster: &ClusterArgs) -> Result<()> {
     let (args, sweep_dir) = sweep::take_sweep_dir(args);
     let cells = sweep::expand(&args)?;
@@ -403,62 +470,108 @@ fn run_sweep(args: Vec<String>, cluster: &ClusterArgs) -> Result<()> {
     let stop = sweep::stop_on_signals()?;
     let hub = Hub::default();
     tracing::info!(cells = cells.len(), dir = %dir.display(), "sweep");
-    let mut rows = Vec::new();
-    let (mut computed, mut skipped, mut failed) = (0, 0, 0);
-    for cell in &cells {
-        if stop.load(std::sync::atomic::Ordering::SeqCst) {
-            tracing::warn!(
-                done = computed + skipped,
-                of = cells.len(),
-                "signal received: stopping the sweep for requeue"
-            );
-            if cluster.join.is_none() {
-                store.write_summary(&rows)?;
+    let stopped = |done: usize| -> ! {
+        tracing::warn!(done, of = cells.len(), "signal received: stopping the sweep for requeue");
+        std::process::exit(143);
+    };
+    let outcomes: Vec<CellOutcome> = if cluster.serve.is_none() && cluster.join.is_none() {
+        let mut outcomes = Vec::new();
+        for cell in &cells {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                write_sweep_summary(&cells, &store, &hub)?;
+                stopped(outcomes.len());
             }
-            std::process::exit(143);
+            outcomes.push(run_cell(cell, &store, &hub)?);
         }
-        let composed = compose_from_args(&cell.args, &default_config_dirs())?;
-        let mut cfg = composed.program_config()?;
-        let key = sweep::cell_key(&composed, &cfg, &hub)?;
-        if let Some(report) = store.result(&key) {
-            tracing::info!(cell = cell.index, settings = %cell.label(), "cell skipped: it has a result");
-            skipped += 1;
-            rows.push(sweep::Row::done(cell, &key, report));
-            continue;
+        outcomes
+    } else {
+        let executor = CellExecutor {
+            cells: cells.clone(),
+            store: store.clone(),
+            hub: Hub::default(),
+            stop: stop.clone(),
+        };
+        let mut opts = cluster_options(&first, cluster);
+        opts.job_id = format!("sweep-{}", sweep::sweep_id(&cells));
+        // A cell is long: one at a time per process, so every process gets cells.
+        opts.in_flight_per_worker = 1;
+        if cluster.job_dir.is_none() {
+            opts.job_dir = dir.join(".cluster");
         }
-        cfg.report_save_path = Some(store.report_path(&key).display().to_string());
-        let t0 = std::time::Instant::now();
-        match run_config(&cfg, cluster) {
-            Ok(Some(report)) => {
-                computed += 1;
-                tracing::info!(cell = cell.index, settings = %cell.label(), seconds = t0.elapsed().as_secs_f64(), "cell done");
-                rows.push(sweep::Row::done(cell, &key, report));
-            }
-            Ok(None) => {
-                // A worker (or a run without a task pool): the coordinator writes the result.
-                computed += 1;
-                rows.push(sweep::Row::pending(cell, &key));
-            }
-            Err(e) => {
-                failed += 1;
-                tracing::error!(cell = cell.index, settings = %cell.label(), "cell failed: {e:#}");
-                // The store is the coordinator's: a worker only logs.
-                if cluster.join.is_none() {
-                    store.record_error(&key, &format!("{e:#}"))?;
+        if let Some(addr) = cluster.join {
+            let name = cluster
+                .node_name
+                .clone()
+                .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+            match fusion_cluster::runtime::run_worker(addr, &name, Box::new(executor), &opts) {
+                Ok(s) => {
+                    tracing::info!(cells = cells.len(), ran = s.executed, "sweep done (worker)");
+                    return Ok(());
                 }
-                rows.push(sweep::Row::failed(cell, &key, &format!("{e:#}")));
+                Err(_) if stop.load(std::sync::atomic::Ordering::SeqCst) => stopped(0),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("sweep worker `{name}` of {addr}"))
+                }
             }
         }
-    }
-    if cluster.join.is_some() {
-        tracing::info!(cells = cells.len(), computed, skipped, failed, "sweep done (worker)");
-        return Ok(());
-    }
-    store.write_summary(&rows)?;
+        let listen = cluster.serve.context("a sweep coordinator needs an address")?;
+        let items = (0..cells.len())
+            .map(|i| fusion_cluster::codec::encode(&i))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let id = opts.job_id.clone();
+        let run = fusion_cluster::runtime::run_coordinator(
+            items,
+            Some(Box::new(executor)),
+            Some(listen),
+            &opts,
+            |addr| tracing::info!(%addr, job = %id, "coordinator listening: workers join with --join"),
+        );
+        match run {
+            Ok(summary) => {
+                tracing::info!(workers = ?summary.per_worker, lost = summary.workers_lost, computed_twice = summary.computed_twice, "cells distributed");
+                summary
+                    .results
+                    .iter()
+                    .map(|r| fusion_cluster::codec::decode::<CellOutcome>(r))
+                    .collect::<std::result::Result<Vec<_>, _>>()?
+            }
+            Err(_) if stop.load(std::sync::atomic::Ordering::SeqCst) => {
+                write_sweep_summary(&cells, &store, &hub)?;
+                stopped(0)
+            }
+            Err(e) => return Err(e).context("distributed sweep"),
+        }
+    };
+    let rows = write_sweep_summary(&cells, &store, &hub)?;
     println!("{}", sweep::table(&rows));
+    let count = |f: fn(&CellOutcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+    let computed = count(|o| matches!(o, CellOutcome::Done));
+    let skipped = count(|o| matches!(o, CellOutcome::Skipped));
+    let failed = count(|o| matches!(o, CellOutcome::Failed(_)));
     tracing::info!(cells = cells.len(), computed, skipped, failed, dir = %dir.display(), "sweep done");
     if failed > 0 {
         bail!("{failed} of {} cells failed (their errors are in {}); rerun the same command to retry them", cells.len(), dir.display());
     }
     Ok(())
+}
+
+/// The summary of every cell from the store: its report, its error, or nothing yet.
+fn write_sweep_summary(
+    cells: &[sweep::Cell],
+    store: &sweep::SweepStore,
+    hub: &Hub,
+) -> Result<Vec<sweep::Row>> {
+    let mut rows = Vec::with_capacity(cells.len());
+    for cell in cells {
+        let composed = compose_from_args(&cell.args, &default_config_dirs())?;
+        let cfg = composed.program_config()?;
+        let key = sweep::cell_key(&composed, &cfg, hub)?;
+        rows.push(match (store.result(&key), store.error(&key)) {
+            (Some(report), _) => sweep::Row::done(cell, &key, report),
+            (None, Some(e)) => sweep::Row::failed(cell, &key, &e),
+            (None, None) => sweep::Row::pending(cell, &key),
+        });
+    }
+    store.write_summary(&rows)?;
+    Ok(rows)
 }

@@ -125,11 +125,16 @@ fn fnv(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-/// `${path.output_dir}/sweeps/<hash of the cells' arguments>`.
-pub fn default_dir(first: &ProgramConfig, cells: &[Cell]) -> PathBuf {
+/// A hash of the cells' arguments: names the sweep (its default folder, its cluster job).
+pub fn sweep_id(cells: &[Cell]) -> String {
     let all: Vec<&Vec<String>> = cells.iter().map(|c| &c.args).collect();
+    fnv(format!("{all:?}").as_bytes())
+}
+
+/// `${path.output_dir}/sweeps/<sweep id>`.
+pub fn default_dir(first: &ProgramConfig, cells: &[Cell]) -> PathBuf {
     let out = first.path.output_dir.as_deref().unwrap_or("outputs");
-    Path::new(out).join("sweeps").join(fnv(format!("{all:?}").as_bytes()))
+    Path::new(out).join("sweeps").join(sweep_id(cells))
 }
 
 /// Keys of the composed configuration that do not change a cell's result.
@@ -192,7 +197,7 @@ fn folder_fingerprint(hub: &Hub, id: &str, dataset: bool) -> String {
 }
 
 /// The sweep's folder.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SweepStore {
     dir: PathBuf,
 }
@@ -236,6 +241,13 @@ impl SweepStore {
     pub fn result(&self, key: &str) -> Option<Value> {
         let text = std::fs::read_to_string(self.report_path(key)).ok()?;
         serde_json::from_str::<Value>(&text).ok().filter(Value::is_object)
+    }
+
+    /// The recorded error of cell `key`, if it failed last time and has no result since.
+    pub fn error(&self, key: &str) -> Option<String> {
+        let text =
+            std::fs::read_to_string(self.dir.join("cells").join(key).join("error.txt")).ok()?;
+        Some(text.trim_end().to_string())
     }
 
     /// Records why cell `key` failed (the next run retries it).
@@ -291,9 +303,9 @@ impl Row {
             error: None,
         }
     }
-    /// A cell this process helped with but whose report another process writes.
+    /// A cell without a result (not run yet).
     pub fn pending(cell: &Cell, key: &str) -> Self {
-        Self { cell: cell.clone(), key: key.into(), status: "worker", report: None, error: None }
+        Self { cell: cell.clone(), key: key.into(), status: "todo", report: None, error: None }
     }
     /// A cell that failed.
     pub fn failed(cell: &Cell, key: &str, error: &str) -> Self {
