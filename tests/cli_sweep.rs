@@ -235,3 +235,43 @@ fn a_sweep_over_three_slurm_ranks_shares_out_whole_cells_with_the_local_results(
         assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap(), "{}", b.display());
     }
 }
+
+#[test]
+fn a_killed_sweep_loses_only_the_cell_in_flight_and_resumes_to_the_same_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = ["method=task_arithmetic", "method.scaling_factor=0.1,0.2,0.3,0.4"];
+    let reference = tmp.path().join("uninterrupted");
+    assert!(sweep(&reference, &extra).status.success());
+
+    let dir = tmp.path().join("killed");
+    let mut args = vec!["-m".to_string()];
+    args.extend(base(&extra));
+    args.push(format!("sweep_dir={}", dir.display()));
+    let mut child =
+        fusion_bench(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut first_log = String::new();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        first_log.push_str(&line);
+        first_log.push('\n');
+        if line.contains("cell done") {
+            child.kill().unwrap(); // SIGKILL: no chance to clean up
+            break;
+        }
+    }
+    child.wait().unwrap();
+    let done_first = reports(&dir).len();
+    assert!(done_first >= 1, "{first_log}");
+    let resumed = sweep(&dir, &extra);
+    let log = stderr(&resumed);
+    assert!(resumed.status.success(), "{log}");
+    assert_eq!(done_first + count(&log, "cell done"), 4, "{log}");
+    // Same cells, same bytes as the uninterrupted sweep.
+    let (a, b) = (reports(&reference), reports(&dir));
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.parent().unwrap().file_name(), y.parent().unwrap().file_name());
+        assert_eq!(std::fs::read(x).unwrap(), std::fs::read(y).unwrap());
+    }
+}
