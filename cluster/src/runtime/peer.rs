@@ -60,6 +60,9 @@ fn spawn_reader<M: Message>(
     })
 }
 
+/// Marks the close reason of a connection closed because the run was aborted.
+const ABORT_PREFIX: &str = "run aborted: ";
+
 /// Messages of a [`RemoteWorker`].
 pub(crate) enum PeerMsg {
     /// Coordinator → worker: run this item.
@@ -163,6 +166,11 @@ impl Actor for RemoteWorker {
                 if state.sender.send(&last).await.is_ok() {
                     let _ = tokio::time::timeout(FINISH_WAIT, state.sender.finish()).await;
                 }
+                // Should the `Abort` not have arrived before the close (a loaded machine), its
+                // reason still does, in the close frame.
+                if let Wire::Abort { reason } = &last {
+                    state.sender.close(&format!("{ABORT_PREFIX}{reason}"));
+                }
                 myself.stop(Some("run finished".into()));
             }
             PeerMsg::Remote(Wire::Result { item, result }) => {
@@ -249,6 +257,12 @@ impl LinkState {
 
     fn lost(&mut self, myself: &ActorRef<LinkMsg>, reason: String) {
         let addr = self.addr;
+        // A coordinator that aborted the run says so in its close frame.
+        if let Some(at) = reason.find(ABORT_PREFIX) {
+            let why = reason[at + ABORT_PREFIX.len()..].to_string();
+            self.finish(myself, Err(ClusterError::Aborted { reason: why }));
+            return;
+        }
         self.finish(myself, Err(ClusterError::CoordinatorLost { addr, reason }));
     }
 }

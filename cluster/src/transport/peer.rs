@@ -124,6 +124,12 @@ impl Peer {
 }
 
 impl PeerSender {
+    /// Closes the connection at once, normally ([`super::CLOSE_NORMAL`]), with `reason` (the
+    /// peer sees it in its [`TransportError::ConnectionLost`]).
+    pub fn close(&self, reason: &str) {
+        self.conn.close(CLOSE_NORMAL.into(), close_reason_bytes(reason));
+    }
+
     /// Encodes `msg` and writes it as one frame on the control stream.
     ///
     /// A message larger than `max_frame_len` is refused ([`TransportError::Send`]) before
