@@ -26,7 +26,6 @@ usage: python scripts/bench_merge.py [--repeats 3] [--work DIR] [--l14] [--skip-
        (python from scripts/fixtures/ref-venv.sh; build first: cargo build --release)
 """
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -38,6 +37,8 @@ import tempfile
 import threading
 import time
 
+from bench_eval import new_repo  # the hub-cache layout (scripts/ is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TA8 = ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 ARCH = {
@@ -46,17 +47,6 @@ ARCH = {
                 config=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                             num_hidden_layers=24, patch_size=14, projection_dim=768)),
 }
-
-
-def new_repo(hub, repo_id):
-    rev = hashlib.sha1(f"bench-merge/{repo_id}".encode()).hexdigest()
-    d = os.path.join(hub, f"models--{repo_id.replace('/', '--')}")
-    os.makedirs(os.path.join(d, "refs"), exist_ok=True)
-    with open(os.path.join(d, "refs", "main"), "w") as f:
-        f.write(rev)
-    snap = os.path.join(d, "snapshots", rev)
-    os.makedirs(snap, exist_ok=True)
-    return snap
 
 
 def make_pool(work, arch):
@@ -73,7 +63,7 @@ def make_pool(work, arch):
     prefix = ARCH[arch]["prefix"]
     torch.manual_seed(0)
     model = CLIPVisionModel(CLIPVisionConfig(**ARCH[arch]["config"]))
-    snap = new_repo(hub, f"openai/{prefix}")
+    snap = new_repo(hub, "models", f"openai/{prefix}")
     model.save_pretrained(snap, safe_serialization=True)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     for i, task in enumerate(TA8):
@@ -81,7 +71,7 @@ def make_pool(work, arch):
         # A task vector of a few per cent of each tensor's scale, as fine-tuning gives.
         ft = {k: v + 0.02 * (v.std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=g)
               for k, v in sd.items()}
-        tsnap = new_repo(hub, f"tanganke/{prefix}_{task}")
+        tsnap = new_repo(hub, "models", f"tanganke/{prefix}_{task}")
         shutil.copy(os.path.join(snap, "config.json"), tsnap)
         save_file(ft, os.path.join(tsnap, "model.safetensors"), metadata={"format": "pt"})
         del ft

@@ -16,7 +16,13 @@ skip() {
 fail() { echo "FAIL: $*"; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || skip "needs root (creates network namespaces)"
-command -v ip >/dev/null || skip "the ip command (iproute2) is missing"
+# A fresh machine may lack iproute2: install it (as scripts/slurm/cluster.sh installs Slurm).
+if ! command -v ip >/dev/null && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && \
+             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null 2>&1; } || true
+fi
+command -v ip >/dev/null || skip "the ip command (iproute2) is missing and could not be installed"
 ip netns list >/dev/null 2>&1 || skip "ip netns is unavailable"
 
 P="fbn$(( $$ % 10000 ))"

@@ -270,15 +270,10 @@ fn slurm_roles(c: &mut ClusterArgs) -> Result<()> {
     Ok(())
 }
 
-/// A stable hash (FNV-1a, 64 bits) of what a cluster's processes must agree on.
+/// A stable hash of what a cluster's processes must agree on.
 fn job_id(cfg: &ProgramConfig) -> String {
     let key = format!("{:?}", (&cfg.method, &cfg.modelpool, &cfg.taskpool, cfg.fast_dev_run));
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    fusion_bench::report::stable_hash(key.as_bytes())
 }
 
 fn cluster_options(cfg: &ProgramConfig, c: &ClusterArgs) -> program::ClusterOptions {

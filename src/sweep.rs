@@ -115,20 +115,10 @@ pub fn expand(args: &[String]) -> Result<Vec<Cell>> {
         .collect())
 }
 
-/// FNV-1a over `bytes`, as 16 hex digits: stable across builds and machines.
-fn fnv(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
 /// A hash of the cells' arguments: names the sweep (its default folder, its cluster job).
 pub fn sweep_id(cells: &[Cell]) -> String {
     let all: Vec<&Vec<String>> = cells.iter().map(|c| &c.args).collect();
-    fnv(format!("{all:?}").as_bytes())
+    crate::report::stable_hash(format!("{all:?}").as_bytes())
 }
 
 /// `${path.output_dir}/sweeps/<sweep id>`.
@@ -162,7 +152,7 @@ pub fn cell_key(composed: &Composed, cfg: &ProgramConfig, hub: &Hub) -> Result<S
             text.push_str(&format!("\ndataset {name} {}", folder_fingerprint(hub, &d.path, true)));
         }
     }
-    Ok(fnv(text.as_bytes()))
+    Ok(crate::report::stable_hash(text.as_bytes()))
 }
 
 /// Resolved folder, then every file's relative name, size and modification time (a missing
@@ -337,14 +327,6 @@ fn tasks_of(rows: &[Row]) -> Vec<String> {
     tasks
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 /// `cell,<swept keys…>,status,average_accuracy,<task>_accuracy…,key,error`.
 pub fn summary_csv(rows: &[Row]) -> String {
     let keys: Vec<String> = rows
@@ -355,11 +337,11 @@ pub fn summary_csv(rows: &[Row]) -> String {
     let mut out = String::from("cell");
     for k in &keys {
         out.push(',');
-        out.push_str(&csv_field(k));
+        out.push_str(&crate::report::csv_field(k));
     }
     out.push_str(",status,average_accuracy");
     for t in &tasks {
-        out.push_str(&format!(",{}_accuracy", csv_field(t)));
+        out.push_str(&format!(",{}_accuracy", crate::report::csv_field(t)));
     }
     out.push_str(",key,error\n");
     let num = |v: Option<f64>| v.map(crate::report::python_float_repr).unwrap_or_default();
@@ -367,14 +349,18 @@ pub fn summary_csv(rows: &[Row]) -> String {
         out.push_str(&r.cell.index.to_string());
         for (_, v) in &r.cell.swept {
             out.push(',');
-            out.push_str(&csv_field(v));
+            out.push_str(&crate::report::csv_field(v));
         }
         out.push_str(&format!(",{},{}", r.status, num(r.accuracy("average"))));
         for t in &tasks {
             out.push(',');
             out.push_str(&num(r.accuracy(t)));
         }
-        out.push_str(&format!(",{},{}\n", r.key, csv_field(r.error.as_deref().unwrap_or(""))));
+        out.push_str(&format!(
+            ",{},{}\n",
+            r.key,
+            crate::report::csv_field(r.error.as_deref().unwrap_or(""))
+        ));
     }
     out
 }

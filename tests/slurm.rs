@@ -6,17 +6,9 @@
 //! missing; where it cannot (no root, no apt-get) the script skips, except under `CI=true`, where
 //! a skip is a failure. Every daemon it starts is stopped by PID.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
 #[test]
 fn slurm_multinode_job_matches_single_process_and_preempted_sweep_resumes() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm/test.sh");
-    let out =
-        Command::new("bash").arg(&script).arg(env!("CARGO_BIN_EXE_fusion_bench")).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{} failed: {}", script.display(), out.status);
-    assert!(stdout.contains("PASS") || stdout.contains("SKIP"), "{stdout}");
+    common::run_harness("slurm/test.sh");
 }

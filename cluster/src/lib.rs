@@ -14,3 +14,6 @@ pub mod runtime;
 pub mod scheduler;
 pub mod slurm;
 pub mod transport;
+
+#[cfg(test)]
+mod test_rng;

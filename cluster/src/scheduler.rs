@@ -538,20 +538,7 @@ mod tests {
         assert_eq!(s.progress().computed_twice, 0);
     }
 
-    /// SplitMix64: a small seeded PRNG, so the randomized tests replay exactly.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// Random interleavings of assignment, completion (any order), loss, rejoin (as a new worker key),
     /// late and duplicated results: the fold always equals the sequential fold, and every count adds up.

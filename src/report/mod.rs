@@ -139,17 +139,32 @@ fn write_string(s: &str, out: &mut String) {
     out.push('"');
 }
 
+/// A CSV field as pandas and Python's `csv` module write it: quoted (quotes doubled) when it
+/// holds a comma, a quote or a line break.
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a) of `bytes` as 16 hex digits: the same on every build and
+/// machine, for names that processes and reruns must agree on (job ids, sweep cells).
+pub fn stable_hash(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
 /// A square matrix labelled by `names` as pandas' `DataFrame(m, index=names,
 /// columns=names).to_csv()` writes it: a header row `,a,b,…`, then `name,v1,v2,…` per row, floats
 /// as Python's `repr`, fields with commas or quotes quoted.
 pub fn matrix_csv(names: &[String], m: &[Vec<f64>]) -> String {
-    let field = |s: &str| {
-        if s.contains([',', '"', '\n', '\r']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.to_string()
-        }
-    };
+    let field = csv_field;
     let mut out = String::new();
     for n in names {
         out.push(',');

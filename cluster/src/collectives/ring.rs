@@ -461,22 +461,7 @@ mod tests {
         RingConfig { chunk_floats, timeout: Some(Duration::from_secs(10)) }
     }
 
-    /// SplitMix64, seeded, so failures replay.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        /// Values over many magnitudes, so a different summation order gives different bits.
-        fn float(&mut self) -> f32 {
-            let m = (self.next() % 2001) as f32 - 1000.0;
-            m * 10f32.powi((self.next() % 10) as i32 - 3)
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// Runs `op` on every rank concurrently; returns each rank's result and buffer.
     async fn on_all<F, Fut>(
