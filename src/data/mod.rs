@@ -282,6 +282,10 @@ impl ImageDataset {
                     },
                 )
             })
+            .collect::<Vec<Result<Vec<u8>, DataError>>>()
+            .into_iter()
+            // In row order, so the error reported is always the first bad row's (rayon's own
+            // `collect::<Result<..>>` returns whichever failing row a thread reached first).
             .collect::<Result<_, _>>()?;
         let expected = crops.first().map_or(0, Vec::len);
         let mut out = Vec::with_capacity(expected * crops.len());

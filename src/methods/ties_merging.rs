@@ -111,6 +111,9 @@ impl Method for TiesMerging {
                     }
                     Ok(finite)
                 })
+                .collect::<Vec<Result<bool>>>()
+                .into_iter()
+                // In pool order, so the model named by an error does not depend on thread timing.
                 .collect::<Result<_>>()?;
             if results.iter().any(|ok| !ok) {
                 let mut inputs = vec![&base];
