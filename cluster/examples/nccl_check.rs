@@ -171,9 +171,8 @@ fn spawn_world(size: usize, devices: &[usize]) -> Result<bool, String> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(pos) = args.iter().position(|a| a == "--rank") {
-        let get = |flag: &str| {
-            args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned()
-        };
+        let get =
+            |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
         let num = |flag: &str| get(flag).and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
         let rank = args.get(pos + 1).and_then(|v| v.parse().ok()).unwrap_or(0);
         let result = child(rank, num("--size"), num("--device"), &get("--id").unwrap_or_default());
