@@ -242,7 +242,7 @@ impl ModelPool {
         patch: impl FnOnce() -> Result<Vec<(usize, Vec<(usize, f32)>)>>,
     ) -> Result<WeightMap> {
         let _guard = tch::no_grad_guard();
-        let mut writer = match &self.stream_to {
+        let writer = match &self.stream_to {
             Some(path) => {
                 let entries =
                     self.names.iter().map(|n| (n.clone(), self.shapes[n].clone())).collect();
@@ -253,14 +253,47 @@ impl ModelPool {
         };
         let bar = crate::progress::bar("merging", self.names.len(), "tensors");
         let mut out = WeightMap::new();
-        for name in &self.names {
-            let t = merge(name, &self.shapes[name])?;
-            match writer.as_mut() {
-                Some(w) => w.write(name, &t)?,
-                None => out.insert(name.clone(), t),
+        // A streamed tensor is written by a thread of its own while the next one is merged (the
+        // copy into the page cache would otherwise leave the merge's other threads idle).
+        let writer = std::thread::scope(|scope| -> Result<Option<SafetensorsWriter>> {
+            let (tx, handle) = match writer {
+                Some(mut w) => {
+                    let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Tensor)>(1);
+                    let handle = scope.spawn(move || -> Result<SafetensorsWriter> {
+                        let _guard = tch::no_grad_guard();
+                        for (name, t) in rx {
+                            w.write(&name, &t)?;
+                        }
+                        Ok(w)
+                    });
+                    (Some(tx), Some(handle))
+                }
+                None => (None, None),
+            };
+            for name in &self.names {
+                let t = merge(name, &self.shapes[name])?;
+                match &tx {
+                    // A closed channel means the writer failed: its error is reported below.
+                    Some(tx) => {
+                        if tx.send((name.clone(), t)).is_err() {
+                            break;
+                        }
+                    }
+                    None => {
+                        out.insert(name.clone(), t);
+                    }
+                }
+                bar.inc(1);
             }
-            bar.inc(1);
-        }
+            drop(tx);
+            match handle {
+                Some(h) => match h.join() {
+                    Ok(w) => Ok(Some(w?)),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                },
+                None => Ok(None),
+            }
+        })?;
         bar.finish_and_clear();
         let patches = patch()?;
         match writer {

@@ -96,26 +96,31 @@ impl Method for TiesMerging {
         // Pass A: per-task histograms of |τ| bit patterns.
         let mut hist = vec![vec![0u32; BINS]; models.len()];
         let bar = crate::progress::bar("ties: thresholds", names.len(), "tensors");
+        // Tasks are split between the threads; each walks the tensor in chunks, so a chunk of
+        // θ₀ is read from memory once per thread, not once per task.
+        let threads = rayon::current_num_threads().clamp(1, models.len());
         for name in names {
             let theta0 = base.values(name)?;
-            let results: Vec<bool> = hist
-                .par_iter_mut()
-                .zip(models.par_iter())
-                .map(|(h, m)| -> Result<bool> {
-                    let theta = m.values(name)?;
-                    let mut finite = true;
-                    for (&x, &b) in theta.iter().zip(theta0.iter()) {
-                        let bits = (x - b).abs().to_bits();
-                        finite &= bits < 0x7f80_0000;
-                        h[(bits >> SHIFT) as usize] += 1;
+            let thetas = models.iter().map(|m| m.values(name)).collect::<Result<Vec<_>>>()?;
+            let mut groups: Vec<Vec<(usize, &mut Vec<u32>)>> =
+                (0..threads).map(|_| Vec::new()).collect();
+            for (ti, h) in hist.iter_mut().enumerate() {
+                groups[ti % threads].push((ti, h));
+            }
+            let finite = groups
+                .into_par_iter()
+                .map(|mut group| {
+                    let mut ok = true;
+                    for start in (0..theta0.len()).step_by(PASS_A_CHUNK) {
+                        let end = (start + PASS_A_CHUNK).min(theta0.len());
+                        for (ti, h) in group.iter_mut() {
+                            ok &= histogram(h, &thetas[*ti][start..end], &theta0[start..end]);
+                        }
                     }
-                    Ok(finite)
+                    ok
                 })
-                .collect::<Vec<Result<bool>>>()
-                .into_iter()
-                // In pool order, so the model named by an error does not depend on thread timing.
-                .collect::<Result<_>>()?;
-            if results.iter().any(|ok| !ok) {
+                .collect::<Vec<bool>>();
+            if finite.iter().any(|ok| !ok) {
                 let mut inputs = vec![&base];
                 inputs.extend(models.iter());
                 return Err(non_finite_error(name, &inputs));
@@ -243,6 +248,7 @@ impl Method for TiesMerging {
                 }
                 tracing::debug!(
                     exceptions = fixed.iter().map(|(_, p)| p.len()).sum::<usize>(),
+                    seconds = t0.elapsed().as_secs_f64(),
                     "ties: exceptional coordinates patched"
                 );
                 Ok(fixed)
@@ -255,6 +261,9 @@ impl Method for TiesMerging {
 /// Bits of a bin key: |τ| bit patterns shifted right by [`SHIFT`] (2¹⁹ bins of 4096 patterns).
 const SHIFT: u32 = 12;
 const BINS: usize = 1 << (31 - SHIFT);
+/// Elements of one tensor histogrammed for every task of a thread before moving on (θ₀'s chunk
+/// stays in cache).
+const PASS_A_CHUNK: usize = 1 << 14;
 /// Elements per work unit of pass B.
 const CHUNK: usize = 1 << 12;
 
@@ -312,11 +321,109 @@ struct ChunkResult {
     exceptions: Vec<usize>,
 }
 
+/// Runs `$body` compiled for the widest vector unit this CPU has (AVX-512, AVX2, or the build's
+/// baseline), chosen at run time. The kernels work element by element (no reassociated
+/// reductions), so every choice gives the same bits.
+macro_rules! widest_simd {
+    ($generic:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,bmi2")]
+            unsafe fn avx512($($arg: $ty),*) -> $ret {
+                $generic($($arg),*)
+            }
+            #[target_feature(enable = "avx2,fma,bmi2")]
+            unsafe fn avx2($($arg: $ty),*) -> $ret {
+                $generic($($arg),*)
+            }
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+            {
+                // SAFETY: the CPU has the features the function was compiled for.
+                return unsafe { avx512($($arg),*) };
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("bmi2") {
+                // SAFETY: as above.
+                return unsafe { avx2($($arg),*) };
+            }
+        }
+        $generic($($arg),*)
+    }};
+}
+
+/// Pass A on one task's tensor: counts |τ|'s bit patterns into `h` by bin; false if an entry is
+/// not finite.
+fn histogram(h: &mut [u32], theta: &[f32], theta0: &[f32]) -> bool {
+    widest_simd!(histogram_generic(h: &mut [u32], theta: &[f32], theta0: &[f32]) -> bool)
+}
+
+#[inline(always)]
+fn histogram_generic(h: &mut [u32], theta: &[f32], theta0: &[f32]) -> bool {
+    let mut finite = true;
+    let n = theta.len().min(theta0.len());
+    for start in (0..n).step_by(16) {
+        prefetch(theta, start + PREFETCH_AHEAD);
+        let end = (start + 16).min(n);
+        for (&x, &b) in theta[start..end].iter().zip(&theta0[start..end]) {
+            let bits = (x - b).abs().to_bits();
+            finite &= bits < 0x7f80_0000;
+            h[(bits >> SHIFT) as usize] += 1;
+        }
+    }
+    finite
+}
+
+/// How far ahead (in elements) the streaming loops ask for the cache line they will read: the
+/// inputs are mapped files in 4 KiB pages, where the hardware prefetcher stops at each page end.
+const PREFETCH_AHEAD: usize = 1024;
+
+/// Hints the CPU to fetch `values[i]`'s cache line (nothing when `i` is out of range).
+#[inline(always)]
+fn prefetch(values: &[f32], i: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(x) = values.get(i) {
+        // SAFETY: a prefetch never faults; the address is inside `values`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch(
+                (x as *const f32).cast::<i8>(),
+                std::arch::x86_64::_MM_HINT_T0,
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (values, i);
+}
+
 /// Pass B on elements `at..at + out.len()` of one tensor: writes every decided coordinate's
 /// merged value and reports the rest. Written as loops over contiguous rows so they vectorise;
 /// each element still sees FusionBench's float32 operations in FusionBench's order.
 #[allow(clippy::too_many_arguments)]
 fn merge_chunk(
+    thetas: &[Cow<'_, [f32]>],
+    theta0: &[f32],
+    at: usize,
+    out: &mut [f32],
+    bins: &[(u32, u64)],
+    tail: usize,
+    lambda: f32,
+    func: MergeFunc,
+) -> ChunkResult {
+    widest_simd!(merge_chunk_generic(
+        thetas: &[Cow<'_, [f32]>],
+        theta0: &[f32],
+        at: usize,
+        out: &mut [f32],
+        bins: &[(u32, u64)],
+        tail: usize,
+        lambda: f32,
+        func: MergeFunc
+    ) -> ChunkResult)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn merge_chunk_generic(
     thetas: &[Cow<'_, [f32]>],
     theta0: &[f32],
     at: usize,
@@ -337,29 +444,38 @@ fn merge_chunk(
         let bin = bins[ti].0;
         let row = &mut v[ti * n..(ti + 1) * n];
         let x = &theta[at..at + n];
-        let mut any = 0u8;
-        for j in 0..n {
-            let tau = x[j] - b[j];
-            let key = tau.abs().to_bits() >> SHIFT;
-            row[j] = tau * f32::from(u8::from(key > bin));
-            let here = u8::from(key == bin);
-            undecided[j] |= here;
-            any |= here;
-        }
-        if any != 0 {
-            for j in 0..n {
-                let bits = (x[j] - b[j]).abs().to_bits();
-                if bits >> SHIFT == bin {
-                    candidates[ti].push(bits);
-                }
+        for start in (0..n).step_by(16) {
+            prefetch(theta, at + start + PREFETCH_AHEAD);
+            let end = (start + 16).min(n);
+            let lanes = row[start..end]
+                .iter_mut()
+                .zip(&mut undecided[start..end])
+                .zip(&x[start..end])
+                .zip(&b[start..end]);
+            for (((r, u), &x), &b) in lanes {
+                let tau = x - b;
+                let key = tau.abs().to_bits() >> SHIFT;
+                *r = tau * if key > bin { 1.0 } else { 0.0 };
+                *u |= u8::from(key == bin);
             }
         }
     }
-    // γ = sign(Σ τ̂), rows added in order.
+    // The threshold bins' entries are rare (a few per chunk): collect them where they are.
+    for j in nonzero_positions(&undecided) {
+        for (ti, theta) in thetas.iter().enumerate() {
+            let bits = (theta[at + j] - b[j]).abs().to_bits();
+            if bits >> SHIFT == bins[ti].0 {
+                candidates[ti].push(bits);
+            }
+        }
+    }
+    // γ = sign(Σ τ̂), rows added in order; `nonzero` marks coordinates with a kept entry.
     let mut sum = v[..n].to_vec();
+    let mut nonzero: Vec<u8> = sum.iter().map(|&x| u8::from(x != 0.0)).collect();
     for ti in 1..t {
-        for (s, &x) in sum.iter_mut().zip(&v[ti * n..(ti + 1) * n]) {
+        for ((s, nz), &x) in sum.iter_mut().zip(nonzero.iter_mut()).zip(&v[ti * n..(ti + 1) * n]) {
             *s += x;
+            *nz |= u8::from(x != 0.0);
         }
     }
     let gamma: Vec<f32> = sum.iter().map(|&s| sign(s)).collect();
@@ -407,21 +523,30 @@ fn merge_chunk(
         }
     }
     let mut sign_total: i64 = gamma.iter().map(|&x| x as i64).sum();
+    // Exceptional: undecided, in the reduction tail, or a zero γ with a kept entry (or `max` on
+    // a zero θ₀). Marked branch-free, then visited sparsely.
+    let zero_base = u8::from(func == MergeFunc::Max);
+    let tail_from = tail.saturating_sub(at).min(n);
+    let mut special = undecided;
+    for (((s, &nz), &gm), &bj) in special.iter_mut().zip(&nonzero).zip(&gamma).zip(b) {
+        *s |= u8::from(gm == 0.0) & (nz | (zero_base & u8::from(bj == 0.0)));
+    }
+    special[tail_from..].fill(1);
     let mut exceptions = Vec::new();
-    for j in 0..n {
-        let local = at + j;
-        let special = undecided[j] != 0 || local >= tail || {
-            gamma[j] == 0.0
-                && ((0..t).any(|ti| v[ti * n + j] != 0.0)
-                    || (func == MergeFunc::Max && b[j] == 0.0))
-        };
-        if special {
-            exceptions.push(local);
-            sign_total -= gamma[j] as i64;
-            out[j] = 0.0;
-        }
+    for j in nonzero_positions(&special) {
+        exceptions.push(at + j);
+        sign_total -= gamma[j] as i64;
+        out[j] = 0.0;
     }
     ChunkResult { sign_total, candidates, exceptions }
+}
+
+/// The indices of the non-zero bytes of a mostly-zero mask, in order (eight bytes at a time).
+fn nonzero_positions(mask: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    let words = mask.chunks(8).enumerate().filter(|(_, w)| w.iter().any(|&x| x != 0));
+    words.flat_map(|(i, w)| {
+        w.iter().enumerate().filter(|(_, &x)| x != 0).map(move |(k, _)| i * 8 + k)
+    })
 }
 
 /// For each tensor name, the local index where the flattened model's `D mod 32` tail starts
