@@ -431,12 +431,62 @@ fn run_cell(cell: &sweep::Cell, store: &sweep::SweepStore, hub: &Hub) -> Result<
     })
 }
 
-/// Runs whole cells for a distributed sweep: cells are the unit of distribution.
+/// A work item of a distributed sweep.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum SweepItem {
+    /// A whole cell: merge, evaluate, write its report into the store.
+    Cell(usize),
+    /// Part `part` of `parts` of a cell's evaluation (the worker merges the cell's model itself);
+    /// the coordinator folds the parts and writes the report.
+    Part { cell: usize, part: usize, parts: usize },
+}
+
+/// What a [`SweepItem`] gave back.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum SweepOutcome {
+    Cell(CellOutcome),
+    Part(std::result::Result<program::PartResult, String>),
+}
+
+/// The merged model of the cell whose parts this process evaluates.
+struct MergedCell {
+    cell: usize,
+    plan: EvalPlan,
+    pool: ModelPool,
+    merged: methods::Merged,
+}
+
+/// Runs a distributed sweep's items: whole cells, and parts of the cells that are shared out
+/// when workers would otherwise sit idle.
 struct CellExecutor {
     cells: Vec<sweep::Cell>,
     store: sweep::SweepStore,
     hub: Hub,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    merged: Option<MergedCell>,
+}
+
+impl CellExecutor {
+    fn run_part(&mut self, index: usize, part: usize, parts: usize) -> Result<program::PartResult> {
+        let cell = self.cells.get(index).with_context(|| format!("no cell #{index}"))?;
+        if self.merged.as_ref().map(|m| m.cell) != Some(index) {
+            self.merged = None;
+            let cfg = compose_from_args(&cell.args, &default_config_dirs())?.program_config()?;
+            let ctx = methods::Context { log_dir: cfg.path.log_dir.clone(), seed: cfg.seed };
+            let method = methods::build(&cfg.method, &ctx)?;
+            let pool = ModelPool::from_config(&cfg.modelpool, &self.hub)?;
+            let plan = plan(&cfg)?.context("a cell without a task pool is never shared out")?;
+            let t0 = std::time::Instant::now();
+            let merged = method.run(&pool)?;
+            tracing::info!(cell = index, seconds = t0.elapsed().as_secs_f64(), "method done");
+            self.merged = Some(MergedCell { cell: index, plan, pool, merged });
+        }
+        let m = self.merged.as_ref().expect("just merged");
+        let t0 = std::time::Instant::now();
+        let result = program::evaluate_part(&m.plan, &self.hub, &m.pool, &m.merged, part, parts)?;
+        tracing::info!(cell = index, settings = %cell.label(), part, of = parts, items = result.items.len(), seconds = t0.elapsed().as_secs_f64(), "cell part done");
+        Ok(result)
+    }
 }
 
 impl fusion_cluster::runtime::Executor for CellExecutor {
@@ -444,18 +494,87 @@ impl fusion_cluster::runtime::Executor for CellExecutor {
         if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
             return Err("stopped by a signal: the cell is left for the next run".into());
         }
-        let index: usize = fusion_cluster::codec::decode(item).map_err(|e| e.to_string())?;
-        let cell = self.cells.get(index).ok_or_else(|| format!("no cell #{index}"))?;
-        let outcome = run_cell(cell, &self.store, &self.hub).map_err(|e| format!("{e:#}"))?;
+        let item: SweepItem = fusion_cluster::codec::decode(item).map_err(|e| e.to_string())?;
+        let outcome = match item {
+            SweepItem::Cell(index) => {
+                let cell = self.cells.get(index).ok_or_else(|| format!("no cell #{index}"))?;
+                let outcome =
+                    run_cell(cell, &self.store, &self.hub).map_err(|e| format!("{e:#}"))?;
+                SweepOutcome::Cell(outcome)
+            }
+            SweepItem::Part { cell, part, parts } => {
+                let result = self.run_part(cell, part, parts).map_err(|e| {
+                    tracing::error!(cell, part, "cell part failed: {e:#}");
+                    format!("{e:#}")
+                });
+                SweepOutcome::Part(result)
+            }
+        };
         fusion_cluster::codec::encode(&outcome).map_err(|e| e.to_string())
     }
+}
+
+/// A cell whose evaluation is shared out in parts.
+struct SharedCell {
+    /// Its index in the sweep.
+    cell: usize,
+    /// Its evaluation plan, reporting into the sweep store.
+    plan: EvalPlan,
+    /// How many parts.
+    parts: usize,
+}
+
+/// The plan of a distributed sweep: which cells go out whole, and which are shared out in parts
+/// because whole cells would leave workers idle. Of the `todo` cells (those without a result),
+/// the last `todo mod workers` (all of them when fewer than the workers) are shared, each in
+/// `⌈workers / shared⌉` parts, unless a cell saves its merged model or evaluates nothing.
+/// Returns the items in order (whole cells first, so every worker starts on one) and the shared
+/// cells.
+fn plan_sweep(
+    cells: &[sweep::Cell],
+    store: &sweep::SweepStore,
+    hub: &Hub,
+    workers: usize,
+) -> Result<(Vec<SweepItem>, Vec<SharedCell>)> {
+    let mut todo = Vec::new();
+    for (i, cell) in cells.iter().enumerate() {
+        let composed = compose_from_args(&cell.args, &default_config_dirs())?;
+        let mut cfg = composed.program_config()?;
+        let key = sweep::cell_key(&composed, &cfg, hub)?;
+        if store.result(&key).is_some() {
+            continue;
+        }
+        cfg.report_save_path = Some(store.report_path(&key).display().to_string());
+        let shareable = cfg.merged_model_path().is_none();
+        todo.push((i, shareable.then(|| plan(&cfg)).transpose()?.flatten()));
+    }
+    let workers = workers.max(1);
+    let tail = if todo.len() < workers { todo.len() } else { todo.len() % workers };
+    let parts = if tail == 0 { 1 } else { workers.div_ceil(tail) };
+    let first_shared = todo.len() - tail;
+    let mut items = Vec::new();
+    let mut shared = Vec::new();
+    for (n, (i, plan)) in todo.into_iter().enumerate() {
+        match plan {
+            Some(plan) if parts > 1 && n >= first_shared => {
+                shared.push(SharedCell { cell: i, plan, parts })
+            }
+            _ => items.push(SweepItem::Cell(i)),
+        }
+    }
+    for s in &shared {
+        let (cell, parts) = (s.cell, s.parts);
+        items.extend((0..parts).map(|part| SweepItem::Part { cell, part, parts }));
+    }
+    Ok((items, shared))
 }
 
 /// `-m`: every cell of the sweep, skipping those with a result in the sweep store; SIGTERM or
 /// SIGUSR2 (Slurm preemption) ends the sweep after the cells that are running, with status 143.
 /// In a cluster (`--serve`/`--join`, `--hosts`, or Slurm) the coordinator hands out whole
 /// cells: each process merges and evaluates its cells itself and writes their reports into the
-/// sweep folder, which must be on a filesystem they share.
+/// sweep folder, which must be on a filesystem they share. The last cells, which would leave
+/// workers idle, are shared out in parts ([`plan_sweep`]) and their reports written here.
 fn run_sweep(args: Vec<String>, cluster: &ClusterArgs) -> Result<()> {
     let (args, sweep_dir) = sweep::take_sweep_dir(args);
     let cells = sweep::expand(&args)?;
@@ -485,6 +604,7 @@ fn run_sweep(args: Vec<String>, cluster: &ClusterArgs) -> Result<()> {
             store: store.clone(),
             hub: Hub::default(),
             stop: stop.clone(),
+            merged: None,
         };
         let mut opts = cluster_options(&first, cluster);
         opts.job_id = format!("sweep-{}", sweep::sweep_id(&cells));
@@ -510,12 +630,23 @@ fn run_sweep(args: Vec<String>, cluster: &ClusterArgs) -> Result<()> {
             }
         }
         let listen = cluster.serve.context("a sweep coordinator needs an address")?;
-        let items = (0..cells.len())
-            .map(|i| fusion_cluster::codec::encode(&i))
+        // This process evaluates too: the workers are the ones awaited plus itself.
+        let (items, shared) = plan_sweep(&cells, &store, &hub, opts.min_workers + 1)?;
+        let whole = items.iter().filter(|i| matches!(i, SweepItem::Cell(_))).count();
+        tracing::info!(
+            whole,
+            shared = shared.len(),
+            parts = shared.first().map_or(0, |s| s.parts),
+            skipped = cells.len() - whole - shared.len(),
+            "sweep plan: whole cells first, then the last ones shared out so no worker idles"
+        );
+        let encoded = items
+            .iter()
+            .map(fusion_cluster::codec::encode)
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let id = opts.job_id.clone();
         let run = fusion_cluster::runtime::run_coordinator(
-            items,
+            encoded,
             Some(Box::new(executor)),
             Some(listen),
             &opts,
@@ -524,11 +655,12 @@ fn run_sweep(args: Vec<String>, cluster: &ClusterArgs) -> Result<()> {
         match run {
             Ok(summary) => {
                 tracing::info!(workers = ?summary.per_worker, lost = summary.workers_lost, computed_twice = summary.computed_twice, "cells distributed");
-                summary
+                let outcomes = summary
                     .results
                     .iter()
-                    .map(|r| fusion_cluster::codec::decode::<CellOutcome>(r))
-                    .collect::<std::result::Result<Vec<_>, _>>()?
+                    .map(|r| fusion_cluster::codec::decode::<SweepOutcome>(r))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                finish_shared_cells(&cells, &store, &hub, &items, outcomes, &shared)?
             }
             Err(_) if stop.load(std::sync::atomic::Ordering::SeqCst) => {
                 write_sweep_summary(&cells, &store, &hub)?;
@@ -548,6 +680,53 @@ fn run_sweep(args: Vec<String>, cluster: &ClusterArgs) -> Result<()> {
         bail!("{failed} of {} cells failed (their errors are in {}); rerun the same command to retry them", cells.len(), dir.display());
     }
     Ok(())
+}
+
+/// The outcome of every cell of a distributed sweep: whole cells as their workers reported them,
+/// shared cells folded from their parts here (report written into the store, or the first
+/// part's error recorded), and cells that already had a result as skipped.
+fn finish_shared_cells(
+    cells: &[sweep::Cell],
+    store: &sweep::SweepStore,
+    hub: &Hub,
+    items: &[SweepItem],
+    outcomes: Vec<SweepOutcome>,
+    shared: &[SharedCell],
+) -> Result<Vec<CellOutcome>> {
+    let mut by_cell: Vec<Option<CellOutcome>> = cells.iter().map(|_| None).collect();
+    let mut parts: std::collections::HashMap<usize, Vec<_>> = Default::default();
+    for (item, outcome) in items.iter().zip(outcomes) {
+        match (item, outcome) {
+            (SweepItem::Cell(i), SweepOutcome::Cell(o)) => by_cell[*i] = Some(o),
+            (SweepItem::Part { cell, .. }, SweepOutcome::Part(r)) => {
+                parts.entry(*cell).or_default().push(r)
+            }
+            (item, _) => bail!("the result of {item:?} is of another kind"),
+        }
+    }
+    for SharedCell { cell, plan, .. } in shared {
+        let label = cells[*cell].label();
+        let results = parts.remove(cell).unwrap_or_default();
+        let composed = compose_from_args(&cells[*cell].args, &default_config_dirs())?;
+        let key = sweep::cell_key(&composed, &composed.program_config()?, hub)?;
+        let folded = results
+            .into_iter()
+            .collect::<std::result::Result<Vec<_>, String>>()
+            .map_err(anyhow::Error::msg)
+            .and_then(|parts| program::report_from_parts(plan, parts));
+        by_cell[*cell] = Some(match folded {
+            Ok(_) => {
+                tracing::info!(cell, settings = %label, "cell done (shared out in parts)");
+                CellOutcome::Done
+            }
+            Err(e) => {
+                tracing::error!(cell, settings = %label, "cell failed: {e:#}");
+                store.record_error(&key, &format!("{e:#}"))?;
+                CellOutcome::Failed(format!("{e:#}"))
+            }
+        });
+    }
+    Ok(by_cell.into_iter().map(|o| o.unwrap_or(CellOutcome::Skipped)).collect())
 }
 
 /// The summary of every cell from the store: its report, its error, or nothing yet.

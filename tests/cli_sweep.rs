@@ -175,26 +175,14 @@ fn a_failing_cell_is_recorded_the_others_run_and_a_rerun_retries_it() {
     assert!(stderr(&again).contains("computed=0 skipped=1 failed=1"), "{}", stderr(&again));
 }
 
-#[test]
-fn a_sweep_over_three_slurm_ranks_shares_out_whole_cells_with_the_local_results() {
-    let tmp = tempfile::tempdir().unwrap();
-    let extra = [
-        "method=task_arithmetic",
-        "method.scaling_factor=0.2,0.4",
-        "taskpool.dataloader_kwargs.batch_size=16",
-    ];
-    let local = tmp.path().join("local");
-    let out = sweep(&local, &extra);
-    assert!(out.status.success(), "{}", stderr(&out));
-
-    // Three processes as srun would start them (simulated nodes on this host): rank 0 serves,
-    // ranks 1 and 2 join, every process walks the same cells.
-    let dist = tmp.path().join("dist");
+/// The sweep `extra` as three processes that srun would start (simulated nodes on this host):
+/// rank 0 serves, ranks 1 and 2 join; every process walks the same cells. (success, log) each.
+fn slurm_sweep(tmp: &Path, dir: &Path, extra: &[&str]) -> Vec<(bool, String)> {
     let mut args = vec!["-m".to_string()];
-    args.extend(base(&extra));
-    args.push(format!("sweep_dir={}", dist.display()));
-    args.extend(["--job-dir".to_string(), tmp.path().join("job").display().to_string()]);
-    let job_id = (std::process::id() % 30_000 + 1_000).to_string();
+    args.extend(base(extra));
+    args.push(format!("sweep_dir={}", dir.display()));
+    args.extend(["--job-dir".to_string(), tmp.join("job").display().to_string()]);
+    let job_id = (std::process::id() % 30_000 + 1_000 + extra.len() as u32).to_string();
     let children: Vec<_> = (0..3)
         .map(|rank| {
             fusion_bench(&args)
@@ -210,25 +198,80 @@ fn a_sweep_over_three_slurm_ranks_shares_out_whole_cells_with_the_local_results(
                 .unwrap()
         })
         .collect();
-    let logs: Vec<(bool, String)> = children
+    children
         .into_iter()
         .map(|c| {
             let o = c.wait_with_output().unwrap();
             (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
         })
+        .collect()
+}
+
+/// Two cells for three processes: both are shared out in parts; the failing one's parts fail,
+/// its error is recorded once, and the other's report equals the single-process sweep's.
+#[test]
+fn a_shared_cell_that_fails_is_recorded_and_the_other_matches_the_local_sweep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = ["method=ties_merging", "method.threshold=20,0"];
+    let local = tmp.path().join("local");
+    assert!(!sweep(&local, &extra).status.success());
+    let dist = tmp.path().join("dist");
+    let logs = slurm_sweep(tmp.path(), &dist, &extra);
+    let coord = &logs[0].1;
+    assert!(!logs[0].0, "the coordinator reports the failed cell: {coord}");
+    assert!(coord.contains("whole=0 shared=2 parts=2"), "{coord}");
+    assert!(coord.contains("computed=1 skipped=0 failed=1"), "{coord}");
+    for (ok, log) in &logs[1..] {
+        assert!(ok, "a worker does not fail with a cell: {log}");
+    }
+    let errors: Vec<PathBuf> = std::fs::read_dir(dist.join("cells"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("error.txt"))
+        .filter(|p| p.exists())
         .collect();
+    assert_eq!(errors.len(), 1);
+    assert!(std::fs::read_to_string(&errors[0]).unwrap().contains("method.threshold"));
+    let (a, b) = (reports(&local), reports(&dist));
+    assert_eq!(a.len(), 1);
+    assert_eq!(b.len(), 1);
+    assert_eq!(a[0].parent().unwrap().file_name(), b[0].parent().unwrap().file_name());
+    assert_eq!(std::fs::read(&a[0]).unwrap(), std::fs::read(&b[0]).unwrap());
+}
+
+#[test]
+fn a_sweep_over_three_slurm_ranks_shares_out_whole_cells_then_parts_with_the_local_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = [
+        "method=task_arithmetic",
+        "method.scaling_factor=0.2,0.4,0.6,0.8",
+        "taskpool.dataloader_kwargs.batch_size=16",
+    ];
+    let local = tmp.path().join("local");
+    let out = sweep(&local, &extra);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let dist = tmp.path().join("dist");
+    let logs = slurm_sweep(tmp.path(), &dist, &extra);
     for (i, (ok, log)) in logs.iter().enumerate() {
         assert!(ok, "rank {i} failed:\n{log}");
     }
-    assert!(logs[0].1.contains("computed=2 skipped=0 failed=0"), "{}", logs[0].1);
+    assert!(logs[0].1.contains("computed=4 skipped=0 failed=0"), "{}", logs[0].1);
     assert!(logs[1].1.contains("sweep done (worker)"), "{}", logs[1].1);
-    // Cells are the unit of distribution: whole cells went to different processes.
-    let ran: Vec<usize> = logs.iter().map(|(_, l)| count(l, "cell done")).collect();
-    assert_eq!(ran.iter().sum::<usize>(), 2, "{ran:?}");
-    assert_eq!(ran.iter().filter(|&&n| n > 0).count(), 2, "{ran:?}");
+    // Cells are the unit of distribution: three whole cells went to different processes; the
+    // fourth would have left two of the three idle, so its evaluation was shared in three parts.
+    assert!(logs[0].1.contains("whole=3 shared=1 parts=3"), "{}", logs[0].1);
+    let whole: Vec<usize> = logs.iter().map(|(_, l)| count(l, "cell done cell=")).collect();
+    assert_eq!(whole.iter().sum::<usize>(), 3, "{whole:?}");
+    assert!(whole.iter().filter(|&&n| n > 0).count() >= 2, "{whole:?}");
+    let parts: Vec<usize> = logs.iter().map(|(_, l)| count(l, "cell part done")).collect();
+    assert_eq!(parts.iter().sum::<usize>(), 3, "{parts:?}");
+    assert!(parts.iter().filter(|&&n| n > 0).count() >= 2, "{parts:?}");
+    assert_eq!(count(&logs[0].1, "cell done (shared out in parts)"), 1, "{}", logs[0].1);
     let local_reports = reports(&local);
     let dist_reports = reports(&dist);
-    assert_eq!(local_reports.len(), 2);
+    assert_eq!(local_reports.len(), 4);
+    assert_eq!(dist_reports.len(), 4);
     for (a, b) in local_reports.iter().zip(&dist_reports) {
         assert_eq!(a.file_name(), b.file_name());
         assert_eq!(a.parent().unwrap().file_name(), b.parent().unwrap().file_name(), "cell keys");

@@ -175,7 +175,13 @@ pub fn run(
     let report = result.report();
     if let Some(path) = &plan.report_save_path {
         save_report(&report, path)?;
-        save_provenance(plan, device, path, &summary)?;
+        let cluster = json!({
+            "items": summary.results.len(),
+            "per_worker": summary.per_worker,
+            "workers_lost": summary.workers_lost,
+            "computed_twice": summary.computed_twice,
+        });
+        save_provenance(plan, &format!("{device:?}"), path, cluster)?;
     }
     Ok(report)
 }
@@ -193,6 +199,111 @@ pub fn evaluator(
         pool.config(),
     )?;
     Evaluator::new(plan, hub, vision, device)
+}
+
+/// One part of an evaluation, computed apart from the others (a sweep shares a cell's
+/// evaluation out this way when workers would otherwise sit idle): the results of its items and
+/// what the report needs besides them. Every part of a cell derives the same item list, so the
+/// parts fold into exactly the report of a whole run.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PartResult {
+    /// Which part, of how many.
+    pub part: usize,
+    /// Parts in all.
+    pub parts: usize,
+    /// Items of the whole evaluation.
+    pub total_items: usize,
+    /// `(item index, item, its batches' results)` for this part's items.
+    pub items: Vec<(usize, work::EvalItem, Vec<BatchResult>)>,
+    /// Task names in plan order.
+    pub names: Vec<String>,
+    /// Parameters of the evaluated vision model.
+    pub all_params: i64,
+    /// Trainable parameters.
+    pub trainable_params: i64,
+    /// The device that computed this part.
+    pub device: String,
+}
+
+/// Item range of part `part` of `parts` (contiguous, sizes differing by at most one).
+pub fn part_range(total: usize, part: usize, parts: usize) -> std::ops::Range<usize> {
+    let parts = parts.max(1);
+    (part * total / parts)..((part + 1) * total / parts)
+}
+
+/// Evaluates part `part` of `parts` of `plan`'s items for merged weights, in this process.
+pub fn evaluate_part(
+    plan: &EvalPlan,
+    hub: &Hub,
+    pool: &ModelPool,
+    merged: &Merged,
+    part: usize,
+    parts: usize,
+) -> Result<PartResult> {
+    let device = crate::device::select(plan.accelerator)?;
+    let mut evaluator = evaluator(plan, hub, pool, &merged.weights, device)?;
+    let all = evaluator.items();
+    let range = part_range(all.len(), part, parts);
+    let mut items = Vec::with_capacity(range.len());
+    for i in range {
+        items.push((i, all[i], evaluator.run(&all[i])?));
+    }
+    work::finish_caches(&evaluator.cache_writers())?;
+    let all_params = merged.weights.numel();
+    Ok(PartResult {
+        part,
+        parts,
+        total_items: all.len(),
+        items,
+        names: evaluator.task_names(),
+        all_params,
+        trainable_params: if merged.trainable { all_params } else { 0 },
+        device: format!("{device:?}"),
+    })
+}
+
+/// Folds every part of an evaluation into its report, exactly as [`run`] folds its items, and
+/// writes the report and its provenance where `plan` says. Fails unless the parts cover every
+/// item once and agree on the tasks and the model.
+pub fn report_from_parts(plan: &EvalPlan, mut parts: Vec<PartResult>) -> Result<Value> {
+    parts.sort_by_key(|p| p.part);
+    let first = parts.first().context("no part of the evaluation")?;
+    let (names, total) = (first.names.clone(), first.total_items);
+    let (all_params, trainable_params) = (first.all_params, first.trainable_params);
+    let mut items = Vec::with_capacity(total);
+    let mut results = Vec::with_capacity(total);
+    for p in &parts {
+        if p.names != names || p.total_items != total || p.all_params != all_params {
+            anyhow::bail!(
+                "part {} of {} disagrees with part 0 on the tasks or the model; were they computed from the same config?",
+                p.part, p.parts
+            );
+        }
+        for (i, item, batches) in &p.items {
+            if *i != items.len() {
+                anyhow::bail!(
+                    "parts of the evaluation do not cover item {} exactly once",
+                    items.len()
+                );
+            }
+            items.push(*item);
+            results.push(batches.clone());
+        }
+    }
+    if items.len() != total {
+        anyhow::bail!("the parts cover {} of {total} items", items.len());
+    }
+    let tasks = work::fold_metrics(&names, &items, &results);
+    let report = EvalResult { tasks, all_params, trainable_params }.report();
+    if let Some(path) = &plan.report_save_path {
+        save_report(&report, path)?;
+        let cluster = json!({
+            "items": total,
+            "parts": parts.iter().map(|p| json!({"part": p.part, "items": p.items.len(), "device": p.device})).collect::<Vec<_>>(),
+        });
+        save_provenance(plan, &first.device, path, cluster)?;
+    }
+    Ok(report)
 }
 
 /// A worker of a distributed evaluation (`--join`): evaluates the items the coordinator at
@@ -251,30 +362,20 @@ pub fn save_vision_config(dir: &Path, source_config: &Path) -> Result<()> {
 
 /// Writes `<report>.meta.json`: what produced the report (seed, versions, threads, device,
 /// determinism), kept apart so the report itself stays byte-compatible with FusionBench's.
-fn save_provenance(
-    plan: &EvalPlan,
-    device: Device,
-    report: &Path,
-    summary: &fusion_cluster::runtime::RunSummary,
-) -> Result<()> {
+fn save_provenance(plan: &EvalPlan, device: &str, report: &Path, cluster: Value) -> Result<()> {
     let meta = json!({
         "fusion_bench": env!("CARGO_PKG_VERSION"),
         "libtorch": "2.11.0 (PyPI torch wheel), tch 0.24.0",
         "model": plan.model,
         "base_model": plan.base_model,
         "seed": plan.seed,
-        "device": format!("{device:?}"),
+        "device": device,
         "torch_threads": tch::get_num_threads(),
         "decode_threads": rayon::current_num_threads(),
         "batch_size": plan.batch_size,
         "fast_dev_run": plan.fast_dev_run,
         "deterministic": "evaluation is deterministic on CPU: fixed batch order, no sampling; results are reduced in batch order whichever worker computed them",
-        "cluster": {
-            "items": summary.results.len(),
-            "per_worker": summary.per_worker,
-            "workers_lost": summary.workers_lost,
-            "computed_twice": summary.computed_twice,
-        },
+        "cluster": cluster,
     });
     let mut name = report.as_os_str().to_owned();
     name.push(".meta.json");
