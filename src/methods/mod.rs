@@ -7,6 +7,7 @@
 
 mod dummy;
 mod pool;
+mod simd;
 mod simple_average;
 mod task_arithmetic;
 mod task_vector_cos_similarity;

@@ -7,10 +7,12 @@
 //! element, so the result is bit-identical to FusionBench's.
 
 use super::pool::{non_finite_error, output_tensor, output_values};
+use super::simd::{prefetch, widest_simd, PREFETCH_AHEAD};
 use super::{Merged, Method, ModelPool};
 use crate::config::MethodConfig;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// Elements per work unit: small enough to stay in a core's cache with the inputs streaming by.
 const CHUNK: usize = 1 << 14;
@@ -53,25 +55,7 @@ impl Method for TaskArithmetic {
             let finite = values
                 .par_chunks_mut(CHUNK)
                 .enumerate()
-                .map(|(c, out)| {
-                    let at = c * CHUNK;
-                    let b = &theta0[at..at + out.len()];
-                    // τ = (θ₁ − θ₀) + (θ₂ − θ₀) + …, accumulated in `out`.
-                    for ((o, &x), &b) in out.iter_mut().zip(&thetas[0][at..]).zip(b) {
-                        *o = x - b;
-                    }
-                    for t in &thetas[1..] {
-                        for ((o, &x), &b) in out.iter_mut().zip(&t[at..]).zip(b) {
-                            *o += x - b;
-                        }
-                    }
-                    let mut bad = false;
-                    for (o, &b) in out.iter_mut().zip(b) {
-                        *o = b + *o * lambda;
-                        bad |= !o.is_finite();
-                    }
-                    !bad
-                })
+                .map(|(c, out)| merge_chunk(out, &thetas, &theta0, c * CHUNK, lambda))
                 .all(|ok| ok);
             if !finite {
                 let mut inputs = vec![&base];
@@ -82,4 +66,59 @@ impl Method for TaskArithmetic {
         })?;
         Ok(Merged { weights, trainable: true })
     }
+}
+
+/// θ₀ + λ·Σᵢ(θᵢ − θ₀) on elements `at..at + out.len()`, in libtorch's order; false if a result
+/// is not finite.
+fn merge_chunk(
+    out: &mut [f32],
+    thetas: &[Cow<'_, [f32]>],
+    theta0: &[f32],
+    at: usize,
+    lambda: f32,
+) -> bool {
+    widest_simd!(merge_chunk_generic(
+        out: &mut [f32],
+        thetas: &[Cow<'_, [f32]>],
+        theta0: &[f32],
+        at: usize,
+        lambda: f32
+    ) -> bool)
+}
+
+#[inline(always)]
+fn merge_chunk_generic(
+    out: &mut [f32],
+    thetas: &[Cow<'_, [f32]>],
+    theta0: &[f32],
+    at: usize,
+    lambda: f32,
+) -> bool {
+    let n = out.len();
+    let b = &theta0[at..at + n];
+    // τ = (θ₁ − θ₀) + (θ₂ − θ₀) + …, accumulated in `out`, 16 lanes at a time with the next
+    // pages of the row asked for ahead.
+    for (ti, t) in thetas.iter().enumerate() {
+        let x = &t[at..at + n];
+        for start in (0..n).step_by(16) {
+            prefetch(t, at + start + PREFETCH_AHEAD);
+            let end = (start + 16).min(n);
+            let lanes = out[start..end].iter_mut().zip(&x[start..end]).zip(&b[start..end]);
+            if ti == 0 {
+                for ((o, &x), &b) in lanes {
+                    *o = x - b;
+                }
+            } else {
+                for ((o, &x), &b) in lanes {
+                    *o += x - b;
+                }
+            }
+        }
+    }
+    let mut bad = false;
+    for (o, &b) in out.iter_mut().zip(b) {
+        *o = b + *o * lambda;
+        bad |= !o.is_finite();
+    }
+    !bad
 }

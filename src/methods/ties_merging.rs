@@ -26,6 +26,7 @@
 //! result is bit-identical.
 
 use super::pool::{non_finite_error, output_tensor, output_values};
+use super::simd::{prefetch, widest_simd, PREFETCH_AHEAD};
 use super::{Merged, Method, ModelPool};
 use crate::config::MethodConfig;
 use anyhow::{bail, Context, Result};
@@ -321,37 +322,6 @@ struct ChunkResult {
     exceptions: Vec<usize>,
 }
 
-/// Runs `$body` compiled for the widest vector unit this CPU has (AVX-512, AVX2, or the build's
-/// baseline), chosen at run time. The kernels work element by element (no reassociated
-/// reductions), so every choice gives the same bits.
-macro_rules! widest_simd {
-    ($generic:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,bmi2")]
-            unsafe fn avx512($($arg: $ty),*) -> $ret {
-                $generic($($arg),*)
-            }
-            #[target_feature(enable = "avx2,fma,bmi2")]
-            unsafe fn avx2($($arg: $ty),*) -> $ret {
-                $generic($($arg),*)
-            }
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vl")
-            {
-                // SAFETY: the CPU has the features the function was compiled for.
-                return unsafe { avx512($($arg),*) };
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("bmi2") {
-                // SAFETY: as above.
-                return unsafe { avx2($($arg),*) };
-            }
-        }
-        $generic($($arg),*)
-    }};
-}
-
 /// Pass A on one task's tensor: counts |τ|'s bit patterns into `h` by bin; false if an entry is
 /// not finite.
 fn histogram(h: &mut [u32], theta: &[f32], theta0: &[f32]) -> bool {
@@ -372,27 +342,6 @@ fn histogram_generic(h: &mut [u32], theta: &[f32], theta0: &[f32]) -> bool {
         }
     }
     finite
-}
-
-/// How far ahead (in elements) the streaming loops ask for the cache line they will read: the
-/// inputs are mapped files in 4 KiB pages, where the hardware prefetcher stops at each page end.
-const PREFETCH_AHEAD: usize = 1024;
-
-/// Hints the CPU to fetch `values[i]`'s cache line (nothing when `i` is out of range).
-#[inline(always)]
-fn prefetch(values: &[f32], i: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(x) = values.get(i) {
-        // SAFETY: a prefetch never faults; the address is inside `values`.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch(
-                (x as *const f32).cast::<i8>(),
-                std::arch::x86_64::_MM_HINT_T0,
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (values, i);
 }
 
 /// Pass B on elements `at..at + out.len()` of one tensor: writes every decided coordinate's
