@@ -196,16 +196,22 @@ def bench(arch, hf_home, repeats, tmp, fusionbench, skip_fb_ties):
     if fusionbench:
         _, theirs_idle, _ = run_sampled([theirs_bin, "--cfg", "job", "method=dummy"] + pool, env, cwd)
     for method, margs in METHODS.items():
+        # The machine's speed drifts: the limit is measured again next to each method's runs.
+        io = io_limit(files)
         ours, inproc, ours_rss, theirs, theirs_rss, theirs_in = [], [], [], [], [], []
         run_fb = fusionbench and not (skip_fb_ties and method == "ties_merging")
         for _ in range(repeats):
             out = os.path.join(tmp, f"ours_{method}")
+            # Each run writes a fresh folder: freeing the previous run's output (about 0.2 s for
+            # a B/32 file) is not part of merging, for either tool.
+            shutil.rmtree(out, ignore_errors=True)
             dt, rss, err = run_sampled([ours_bin] + margs + pool + [f"merged_model_save_path={out}"], env, ROOT)
             ours.append(dt)
             ours_rss.append(rss - ours_idle)
             inproc += [float(m) for m in re.findall(r"method done seconds=([0-9.]+)", err)]
             if run_fb:
                 out = os.path.join(tmp, f"theirs_{method}")
+                shutil.rmtree(out, ignore_errors=True)
                 dt, rss, _ = run_sampled([theirs_bin] + margs + pool + [f"merged_model_save_path={out}"], env, cwd)
                 theirs.append(dt)
                 theirs_rss.append(rss - theirs_idle)
@@ -215,7 +221,7 @@ def bench(arch, hf_home, repeats, tmp, fusionbench, skip_fb_ties):
                     sys.exit(p.stderr[-3000:])
                 theirs_in.append(json.loads(p.stdout.strip().splitlines()[-1])["seconds"])
         mo, mi = statistics.median(ours), statistics.median(inproc)
-        print(f"{method}:")
+        print(f"{method}: (I/O limit now {io:.2f} s)")
         print(f"  ours         whole process {mo:7.2f} s  in-process {mi:7.2f} s  "
               f"= {mo / io:.2f}x / {mi / io:.2f}x the I/O limit; "
               f"peak anon RSS above idle {max(ours_rss) / 2**30:.2f} GiB = {max(ours_rss) / model_bytes:.2f} models")
