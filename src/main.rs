@@ -548,10 +548,7 @@ fn plan_sweep(
         let shareable = cfg.merged_model_path().is_none();
         todo.push((i, shareable.then(|| plan(&cfg)).transpose()?.flatten()));
     }
-    let workers = workers.max(1);
-    let tail = if todo.len() < workers { todo.len() } else { todo.len() % workers };
-    let parts = if tail == 0 { 1 } else { workers.div_ceil(tail) };
-    let first_shared = todo.len() - tail;
+    let (first_shared, parts) = share_out(todo.len(), workers);
     let mut items = Vec::new();
     let mut shared = Vec::new();
     for (n, (i, plan)) in todo.into_iter().enumerate() {
@@ -682,6 +679,17 @@ fn run_sweep(args: Vec<String>, cluster: &ClusterArgs) -> Result<()> {
     Ok(())
 }
 
+/// For `todo` cells and `workers` processes: the index (among the `todo`) of the first cell to
+/// share out, and in how many parts. Whole cells keep every worker busy until fewer cells than
+/// workers are left; those last `todo mod workers` (all, when `todo < workers`) are shared,
+/// each in `⌈workers / shared⌉` parts. One part means nothing is shared.
+fn share_out(todo: usize, workers: usize) -> (usize, usize) {
+    let workers = workers.max(1);
+    let tail = if todo < workers { todo } else { todo % workers };
+    let parts = if tail == 0 { 1 } else { workers.div_ceil(tail) };
+    (todo - tail, parts)
+}
+
 /// The outcome of every cell of a distributed sweep: whole cells as their workers reported them,
 /// shared cells folded from their parts here (report written into the store, or the first
 /// part's error recorded), and cells that already had a result as skipped.
@@ -748,4 +756,22 @@ fn write_sweep_summary(
     }
     store.write_summary(&rows)?;
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share_out;
+
+    #[test]
+    fn only_cells_that_would_leave_workers_idle_are_shared() {
+        // (todo, workers) -> (first shared, parts); parts == 1: nothing shared.
+        assert_eq!(share_out(6, 3), (6, 1), "two rounds of whole cells, no one idles");
+        assert_eq!(share_out(4, 3), (3, 3), "the fourth cell in three parts");
+        assert_eq!(share_out(5, 3), (3, 2), "the last two cells in two parts each");
+        assert_eq!(share_out(1, 3), (0, 3), "one cell, three workers");
+        assert_eq!(share_out(2, 3), (0, 2));
+        assert_eq!(share_out(7, 1), (7, 1), "a lone process never shares");
+        assert_eq!(share_out(0, 4), (0, 1));
+        assert_eq!(share_out(3, 0), (3, 1), "zero workers count as one");
+    }
 }
