@@ -22,12 +22,7 @@ MAX_DETECT_MS=${MAX_DETECT_MS:-3000}
 source scripts/netns-lib.sh
 [[ -x "$FB" ]] || fail "no fusion_bench binary at $FB (cargo build --release)"
 
-export HF_HOME="$PWD/tests/fixtures/hf_home" FUSION_BENCH_FAST_TIMEOUTS=1 \
-    FUSION_BENCH_IMAGE_CACHE_GB=0 OMP_NUM_THREADS=1 RUST_BACKTRACE=0
-ARGS=(method=task_arithmetic method.scaling_factor=0.3
-      modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8
-      taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8
-      taskpool.dataloader_kwargs.batch_size=16 fabric.accelerator=cpu print_config=false)
+fixture_job "$PWD"
 
 RUST_LOG=warn "$FB" "${ARGS[@]}" "report_save_path=$TMP/single.json" >"$TMP/single.log" 2>&1 \
     || fail "single-process run: $(cat "$TMP/single.log")"

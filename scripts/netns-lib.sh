@@ -5,15 +5,9 @@
 # PIDS to kill on exit, and polling helpers. Everything is removed on exit.
 # Without root or `ip netns` a script skips (exit 0), except under CI=true, where a skip is a
 # failure.
-skip() {
-    if [[ "${CI:-}" == "true" ]]; then
-        echo "FAIL: netns fault harness cannot run: $1 (a skip is a failure under CI=true)"
-        exit 1
-    fi
-    echo "SKIP: netns fault harness: $1"
-    exit 0
-}
-fail() { echo "FAIL: $*"; exit 1; }
+HARNESS=${HARNESS:-netns fault harness}
+# shellcheck source=harness-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/harness-lib.sh"
 
 [[ $(id -u) -eq 0 ]] || skip "needs root (creates network namespaces)"
 # A fresh machine may lack iproute2: install it (as scripts/slurm/cluster.sh installs Slurm).

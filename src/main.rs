@@ -448,12 +448,10 @@ enum SweepOutcome {
     Part(std::result::Result<program::PartResult, String>),
 }
 
-/// The merged model of the cell whose parts this process evaluates.
+/// The cell whose parts this process evaluates, merged and ready to evaluate.
 struct MergedCell {
     cell: usize,
-    plan: EvalPlan,
-    pool: ModelPool,
-    merged: methods::Merged,
+    evaluator: program::PartEvaluator,
 }
 
 /// Runs a distributed sweep's items: whole cells, and parts of the cells that are shared out
@@ -479,11 +477,12 @@ impl CellExecutor {
             let t0 = std::time::Instant::now();
             let merged = method.run(&pool)?;
             tracing::info!(cell = index, seconds = t0.elapsed().as_secs_f64(), "method done");
-            self.merged = Some(MergedCell { cell: index, plan, pool, merged });
+            let evaluator = program::PartEvaluator::new(&plan, &self.hub, &pool, &merged)?;
+            self.merged = Some(MergedCell { cell: index, evaluator });
         }
-        let m = self.merged.as_ref().expect("just merged");
+        let m = self.merged.as_mut().expect("just merged");
         let t0 = std::time::Instant::now();
-        let result = program::evaluate_part(&m.plan, &self.hub, &m.pool, &m.merged, part, parts)?;
+        let result = m.evaluator.run(part, parts)?;
         tracing::info!(cell = index, settings = %cell.label(), part, of = parts, items = result.items.len(), seconds = t0.elapsed().as_secs_f64(), "cell part done");
         Ok(result)
     }

@@ -51,15 +51,20 @@ fn count(log: &str, needle: &str) -> usize {
     log.lines().filter(|l| l.contains(needle)).count()
 }
 
-fn reports(dir: &Path) -> Vec<PathBuf> {
+/// Every cell's `name` file (`report.json`, `error.txt`) that exists, in cell-key order.
+fn cell_files(dir: &Path, name: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("cells"))
         .unwrap()
         .flatten()
-        .map(|e| e.path().join("report.json"))
+        .map(|e| e.path().join(name))
         .filter(|p| p.exists())
         .collect();
     v.sort();
     v
+}
+
+fn reports(dir: &Path) -> Vec<PathBuf> {
+    cell_files(dir, "report.json")
 }
 
 #[test]
@@ -163,12 +168,7 @@ fn a_failing_cell_is_recorded_the_others_run_and_a_rerun_retries_it() {
     assert!(log.contains("computed=1 skipped=0 failed=1"), "{log}");
     let summary = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
     assert!(summary.contains(",done,") && summary.contains(",failed,"), "{summary}");
-    let errors: Vec<PathBuf> = std::fs::read_dir(dir.join("cells"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("error.txt"))
-        .filter(|p| p.exists())
-        .collect();
+    let errors = cell_files(&dir, "error.txt");
     assert_eq!(errors.len(), 1);
     assert!(std::fs::read_to_string(&errors[0]).unwrap().contains("method.threshold"));
     let again = sweep(&dir, &extra);
@@ -224,12 +224,7 @@ fn a_shared_cell_that_fails_is_recorded_and_the_other_matches_the_local_sweep() 
     for (ok, log) in &logs[1..] {
         assert!(ok, "a worker does not fail with a cell: {log}");
     }
-    let errors: Vec<PathBuf> = std::fs::read_dir(dist.join("cells"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("error.txt"))
-        .filter(|p| p.exists())
-        .collect();
+    let errors = cell_files(&dist, "error.txt");
     assert_eq!(errors.len(), 1);
     assert!(std::fs::read_to_string(&errors[0]).unwrap().contains("method.threshold"));
     let (a, b) = (reports(&local), reports(&dist));

@@ -23,17 +23,9 @@ REPO=$PWD
 FB=${1:-target/release/fusion_bench}
 CELLS=${FB_SLURM_SWEEP_CELLS:-40}
 
-skip() {
-    if [[ "${CI:-}" == "true" ]]; then
-        echo "FAIL: Slurm test cannot run: $1 (a skip is a failure under CI=true)"
-        exit 1
-    fi
-    echo "SKIP: Slurm test: $1"
-    exit 0
-}
-fail() { echo "FAIL: $*"; exit 1; }
-now() { date +%s.%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+HARNESS="Slurm test"
+# shellcheck source=../harness-lib.sh
+source scripts/harness-lib.sh
 
 [[ -x "$FB" ]] || fail "no fusion_bench binary at $FB (cargo build --release)"
 [[ $(id -u) -eq 0 ]] || skip "needs root (installs Slurm, starts its daemons)"
@@ -72,12 +64,7 @@ echo "cluster up in ${T_UP} s: $(sinfo -h -N -o '%N:%T' | tr '\n' ' ')"
 cp "$FB" "$TMP/fusion_bench"
 export FUSION_BENCH="$TMP/fusion_bench"
 # sbatch passes this environment on to the jobs.
-export HF_HOME="$REPO/tests/fixtures/hf_home" FUSION_BENCH_FAST_TIMEOUTS=1 \
-    FUSION_BENCH_IMAGE_CACHE_GB=0 OMP_NUM_THREADS=1 RUST_BACKTRACE=0
-ARGS=(method=task_arithmetic method.scaling_factor=0.3
-      modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8
-      taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8
-      taskpool.dataloader_kwargs.batch_size=16 fabric.accelerator=cpu print_config=false)
+fixture_job "$REPO"
 # Jobs are small: one CPU per task, so three tasks fit on three 2-CPU nodes.
 SB=(--cpus-per-task=1 --time=15)
 

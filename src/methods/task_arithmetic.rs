@@ -68,57 +68,42 @@ impl Method for TaskArithmetic {
     }
 }
 
-/// θ₀ + λ·Σᵢ(θᵢ − θ₀) on elements `at..at + out.len()`, in libtorch's order; false if a result
-/// is not finite.
-fn merge_chunk(
-    out: &mut [f32],
-    thetas: &[Cow<'_, [f32]>],
-    theta0: &[f32],
-    at: usize,
-    lambda: f32,
-) -> bool {
-    widest_simd!(merge_chunk_generic(
+widest_simd! {
+    /// θ₀ + λ·Σᵢ(θᵢ − θ₀) on elements `at..at + out.len()`, in libtorch's order; false if a result
+    /// is not finite.
+    fn merge_chunk(
         out: &mut [f32],
         thetas: &[Cow<'_, [f32]>],
         theta0: &[f32],
         at: usize,
-        lambda: f32
-    ) -> bool)
-}
-
-#[inline(always)]
-fn merge_chunk_generic(
-    out: &mut [f32],
-    thetas: &[Cow<'_, [f32]>],
-    theta0: &[f32],
-    at: usize,
-    lambda: f32,
-) -> bool {
-    let n = out.len();
-    let b = &theta0[at..at + n];
-    // τ = (θ₁ − θ₀) + (θ₂ − θ₀) + …, accumulated in `out`, 16 lanes at a time with the next
-    // pages of the row asked for ahead.
-    for (ti, t) in thetas.iter().enumerate() {
-        let x = &t[at..at + n];
-        for start in (0..n).step_by(16) {
-            prefetch(t, at + start + PREFETCH_AHEAD);
-            let end = (start + 16).min(n);
-            let lanes = out[start..end].iter_mut().zip(&x[start..end]).zip(&b[start..end]);
-            if ti == 0 {
-                for ((o, &x), &b) in lanes {
-                    *o = x - b;
-                }
-            } else {
-                for ((o, &x), &b) in lanes {
-                    *o += x - b;
+        lambda: f32,
+    ) -> bool {
+        let n = out.len();
+        let b = &theta0[at..at + n];
+        // τ = (θ₁ − θ₀) + (θ₂ − θ₀) + …, accumulated in `out`, 16 lanes at a time with the next
+        // pages of the row asked for ahead.
+        for (ti, t) in thetas.iter().enumerate() {
+            let x = &t[at..at + n];
+            for start in (0..n).step_by(16) {
+                prefetch(t, at + start + PREFETCH_AHEAD);
+                let end = (start + 16).min(n);
+                let lanes = out[start..end].iter_mut().zip(&x[start..end]).zip(&b[start..end]);
+                if ti == 0 {
+                    for ((o, &x), &b) in lanes {
+                        *o = x - b;
+                    }
+                } else {
+                    for ((o, &x), &b) in lanes {
+                        *o += x - b;
+                    }
                 }
             }
         }
+        let mut bad = false;
+        for (o, &b) in out.iter_mut().zip(b) {
+            *o = b + *o * lambda;
+            bad |= !o.is_finite();
+        }
+        !bad
     }
-    let mut bad = false;
-    for (o, &b) in out.iter_mut().zip(b) {
-        *o = b + *o * lambda;
-        bad |= !o.is_finite();
-    }
-    !bad
 }

@@ -322,43 +322,30 @@ struct ChunkResult {
     exceptions: Vec<usize>,
 }
 
-/// Pass A on one task's tensor: counts |τ|'s bit patterns into `h` by bin; false if an entry is
-/// not finite.
-fn histogram(h: &mut [u32], theta: &[f32], theta0: &[f32]) -> bool {
-    widest_simd!(histogram_generic(h: &mut [u32], theta: &[f32], theta0: &[f32]) -> bool)
-}
-
-#[inline(always)]
-fn histogram_generic(h: &mut [u32], theta: &[f32], theta0: &[f32]) -> bool {
-    let mut finite = true;
-    let n = theta.len().min(theta0.len());
-    for start in (0..n).step_by(16) {
-        prefetch(theta, start + PREFETCH_AHEAD);
-        let end = (start + 16).min(n);
-        for (&x, &b) in theta[start..end].iter().zip(&theta0[start..end]) {
-            let bits = (x - b).abs().to_bits();
-            finite &= bits < 0x7f80_0000;
-            h[(bits >> SHIFT) as usize] += 1;
+widest_simd! {
+    /// Pass A on one task's tensor: counts |τ|'s bit patterns into `h` by bin; false if an entry is
+    /// not finite.
+    fn histogram(h: &mut [u32], theta: &[f32], theta0: &[f32]) -> bool {
+        let mut finite = true;
+        let n = theta.len().min(theta0.len());
+        for start in (0..n).step_by(16) {
+            prefetch(theta, start + PREFETCH_AHEAD);
+            let end = (start + 16).min(n);
+            for (&x, &b) in theta[start..end].iter().zip(&theta0[start..end]) {
+                let bits = (x - b).abs().to_bits();
+                finite &= bits < 0x7f80_0000;
+                h[(bits >> SHIFT) as usize] += 1;
+            }
         }
+        finite
     }
-    finite
 }
 
-/// Pass B on elements `at..at + out.len()` of one tensor: writes every decided coordinate's
-/// merged value and reports the rest. Written as loops over contiguous rows so they vectorise;
-/// each element still sees FusionBench's float32 operations in FusionBench's order.
-#[allow(clippy::too_many_arguments)]
-fn merge_chunk(
-    thetas: &[Cow<'_, [f32]>],
-    theta0: &[f32],
-    at: usize,
-    out: &mut [f32],
-    bins: &[(u32, u64)],
-    tail: usize,
-    lambda: f32,
-    func: MergeFunc,
-) -> ChunkResult {
-    widest_simd!(merge_chunk_generic(
+widest_simd! {
+    /// Pass B on elements `at..at + out.len()` of one tensor: writes every decided coordinate's
+    /// merged value and reports the rest. Written as loops over contiguous rows so they vectorise;
+    /// each element still sees FusionBench's float32 operations in FusionBench's order.
+    fn merge_chunk(
         thetas: &[Cow<'_, [f32]>],
         theta0: &[f32],
         at: usize,
@@ -366,128 +353,115 @@ fn merge_chunk(
         bins: &[(u32, u64)],
         tail: usize,
         lambda: f32,
-        func: MergeFunc
-    ) -> ChunkResult)
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn merge_chunk_generic(
-    thetas: &[Cow<'_, [f32]>],
-    theta0: &[f32],
-    at: usize,
-    out: &mut [f32],
-    bins: &[(u32, u64)],
-    tail: usize,
-    lambda: f32,
-    func: MergeFunc,
-) -> ChunkResult {
-    let n = out.len();
-    let t = thetas.len();
-    let b = &theta0[at..at + n];
-    // Trimmed entries τ̂ (task-major); an entry in its task's threshold bin is undecided.
-    let mut v = vec![0f32; t * n];
-    let mut undecided = vec![0u8; n];
-    let mut candidates = vec![Vec::new(); t];
-    for (ti, theta) in thetas.iter().enumerate() {
-        let bin = bins[ti].0;
-        let row = &mut v[ti * n..(ti + 1) * n];
-        let x = &theta[at..at + n];
-        for start in (0..n).step_by(16) {
-            prefetch(theta, at + start + PREFETCH_AHEAD);
-            let end = (start + 16).min(n);
-            let lanes = row[start..end]
-                .iter_mut()
-                .zip(&mut undecided[start..end])
-                .zip(&x[start..end])
-                .zip(&b[start..end]);
-            for (((r, u), &x), &b) in lanes {
-                let tau = x - b;
-                let key = tau.abs().to_bits() >> SHIFT;
-                *r = tau * if key > bin { 1.0 } else { 0.0 };
-                *u |= u8::from(key == bin);
-            }
-        }
-    }
-    // The threshold bins' entries are rare (a few per chunk): collect them where they are.
-    for j in nonzero_positions(&undecided) {
+        func: MergeFunc,
+    ) -> ChunkResult {
+        let n = out.len();
+        let t = thetas.len();
+        let b = &theta0[at..at + n];
+        // Trimmed entries τ̂ (task-major); an entry in its task's threshold bin is undecided.
+        let mut v = vec![0f32; t * n];
+        let mut undecided = vec![0u8; n];
+        let mut candidates = vec![Vec::new(); t];
         for (ti, theta) in thetas.iter().enumerate() {
-            let bits = (theta[at + j] - b[j]).abs().to_bits();
-            if bits >> SHIFT == bins[ti].0 {
-                candidates[ti].push(bits);
-            }
-        }
-    }
-    // γ = sign(Σ τ̂), rows added in order; `nonzero` marks coordinates with a kept entry.
-    let mut sum = v[..n].to_vec();
-    let mut nonzero: Vec<u8> = sum.iter().map(|&x| u8::from(x != 0.0)).collect();
-    for ti in 1..t {
-        for ((s, nz), &x) in sum.iter_mut().zip(nonzero.iter_mut()).zip(&v[ti * n..(ti + 1) * n]) {
-            *s += x;
-            *nz |= u8::from(x != 0.0);
-        }
-    }
-    let gamma: Vec<f32> = sum.iter().map(|&s| sign(s)).collect();
-    // Coordinates whose γ is 0 take the global majority sign, unknown yet; with every entry zero
-    // it cannot change the result (except `max` on a zero θ₀, whose sign of zero it sets).
-    let g: Vec<f32> = gamma.iter().map(|&x| if x == 0.0 { 1.0 } else { x }).collect();
-    let row = |ti: usize| &v[ti * n..(ti + 1) * n];
-    // x · [γ > 0 ? x > 0 : x < 0], branch-free so the loops vectorise.
-    let select = |x: f32, g: f32| {
-        let up = u8::from(g > 0.0);
-        let keep = (up & u8::from(x > 0.0)) | ((1 - up) & u8::from(x < 0.0));
-        x * f32::from(keep)
-    };
-    match func {
-        MergeFunc::Sum | MergeFunc::Mean => {
-            let mut agg: Vec<f32> = row(0).iter().zip(&g).map(|(&x, &g)| select(x, g)).collect();
-            let mut count: Vec<f32> = agg.iter().map(|&s| f32::from(u8::from(s != 0.0))).collect();
-            for ti in 1..t {
-                for (((a, c), &x), &g) in agg.iter_mut().zip(count.iter_mut()).zip(row(ti)).zip(&g)
-                {
-                    let sel = select(x, g);
-                    *a += sel;
-                    *c += f32::from(u8::from(sel != 0.0));
+            let bin = bins[ti].0;
+            let row = &mut v[ti * n..(ti + 1) * n];
+            let x = &theta[at..at + n];
+            for start in (0..n).step_by(16) {
+                prefetch(theta, at + start + PREFETCH_AHEAD);
+                let end = (start + 16).min(n);
+                let lanes = row[start..end]
+                    .iter_mut()
+                    .zip(&mut undecided[start..end])
+                    .zip(&x[start..end])
+                    .zip(&b[start..end]);
+                for (((r, u), &x), &b) in lanes {
+                    let tau = x - b;
+                    let key = tau.abs().to_bits() >> SHIFT;
+                    *r = tau * if key > bin { 1.0 } else { 0.0 };
+                    *u |= u8::from(key == bin);
                 }
             }
-            if func == MergeFunc::Mean {
-                for (a, c) in agg.iter_mut().zip(&count) {
-                    *a /= c.max(1.0);
+        }
+        // The threshold bins' entries are rare (a few per chunk): collect them where they are.
+        for j in nonzero_positions(&undecided) {
+            for (ti, theta) in thetas.iter().enumerate() {
+                let bits = (theta[at + j] - b[j]).abs().to_bits();
+                if bits >> SHIFT == bins[ti].0 {
+                    candidates[ti].push(bits);
                 }
             }
-            for ((o, &b), &a) in out.iter_mut().zip(b).zip(&agg) {
-                *o = b + lambda * a;
+        }
+        // γ = sign(Σ τ̂), rows added in order; `nonzero` marks coordinates with a kept entry.
+        let mut sum = v[..n].to_vec();
+        let mut nonzero: Vec<u8> = sum.iter().map(|&x| u8::from(x != 0.0)).collect();
+        for ti in 1..t {
+            for ((s, nz), &x) in sum.iter_mut().zip(nonzero.iter_mut()).zip(&v[ti * n..(ti + 1) * n]) {
+                *s += x;
+                *nz |= u8::from(x != 0.0);
             }
         }
-        MergeFunc::Max => {
-            let mut agg = vec![0f32; n];
-            for ti in 0..t {
-                for ((a, &x), &g) in agg.iter_mut().zip(row(ti)).zip(&g) {
-                    *a = a.max(select(x, g).abs());
+        let gamma: Vec<f32> = sum.iter().map(|&s| sign(s)).collect();
+        // Coordinates whose γ is 0 take the global majority sign, unknown yet; with every entry zero
+        // it cannot change the result (except `max` on a zero θ₀, whose sign of zero it sets).
+        let g: Vec<f32> = gamma.iter().map(|&x| if x == 0.0 { 1.0 } else { x }).collect();
+        let row = |ti: usize| &v[ti * n..(ti + 1) * n];
+        // x · [γ > 0 ? x > 0 : x < 0], branch-free so the loops vectorise.
+        let select = |x: f32, g: f32| {
+            let up = u8::from(g > 0.0);
+            let keep = (up & u8::from(x > 0.0)) | ((1 - up) & u8::from(x < 0.0));
+            x * f32::from(keep)
+        };
+        match func {
+            MergeFunc::Sum | MergeFunc::Mean => {
+                let mut agg: Vec<f32> = row(0).iter().zip(&g).map(|(&x, &g)| select(x, g)).collect();
+                let mut count: Vec<f32> = agg.iter().map(|&s| f32::from(u8::from(s != 0.0))).collect();
+                for ti in 1..t {
+                    for (((a, c), &x), &g) in agg.iter_mut().zip(count.iter_mut()).zip(row(ti)).zip(&g)
+                    {
+                        let sel = select(x, g);
+                        *a += sel;
+                        *c += f32::from(u8::from(sel != 0.0));
+                    }
+                }
+                if func == MergeFunc::Mean {
+                    for (a, c) in agg.iter_mut().zip(&count) {
+                        *a /= c.max(1.0);
+                    }
+                }
+                for ((o, &b), &a) in out.iter_mut().zip(b).zip(&agg) {
+                    *o = b + lambda * a;
                 }
             }
-            for (((o, &b), &a), &g) in out.iter_mut().zip(b).zip(&agg).zip(&g) {
-                *o = b + lambda * (a * g);
+            MergeFunc::Max => {
+                let mut agg = vec![0f32; n];
+                for ti in 0..t {
+                    for ((a, &x), &g) in agg.iter_mut().zip(row(ti)).zip(&g) {
+                        *a = a.max(select(x, g).abs());
+                    }
+                }
+                for (((o, &b), &a), &g) in out.iter_mut().zip(b).zip(&agg).zip(&g) {
+                    *o = b + lambda * (a * g);
+                }
             }
         }
+        let mut sign_total: i64 = gamma.iter().map(|&x| x as i64).sum();
+        // Exceptional: undecided, in the reduction tail, or a zero γ with a kept entry (or `max` on
+        // a zero θ₀). Marked branch-free, then visited sparsely.
+        let zero_base = u8::from(func == MergeFunc::Max);
+        let tail_from = tail.saturating_sub(at).min(n);
+        let mut special = undecided;
+        for (((s, &nz), &gm), &bj) in special.iter_mut().zip(&nonzero).zip(&gamma).zip(b) {
+            *s |= u8::from(gm == 0.0) & (nz | (zero_base & u8::from(bj == 0.0)));
+        }
+        special[tail_from..].fill(1);
+        let mut exceptions = Vec::new();
+        for j in nonzero_positions(&special) {
+            exceptions.push(at + j);
+            sign_total -= gamma[j] as i64;
+            out[j] = 0.0;
+        }
+        ChunkResult { sign_total, candidates, exceptions }
     }
-    let mut sign_total: i64 = gamma.iter().map(|&x| x as i64).sum();
-    // Exceptional: undecided, in the reduction tail, or a zero γ with a kept entry (or `max` on
-    // a zero θ₀). Marked branch-free, then visited sparsely.
-    let zero_base = u8::from(func == MergeFunc::Max);
-    let tail_from = tail.saturating_sub(at).min(n);
-    let mut special = undecided;
-    for (((s, &nz), &gm), &bj) in special.iter_mut().zip(&nonzero).zip(&gamma).zip(b) {
-        *s |= u8::from(gm == 0.0) & (nz | (zero_base & u8::from(bj == 0.0)));
-    }
-    special[tail_from..].fill(1);
-    let mut exceptions = Vec::new();
-    for j in nonzero_positions(&special) {
-        exceptions.push(at + j);
-        sign_total -= gamma[j] as i64;
-        out[j] = 0.0;
-    }
-    ChunkResult { sign_total, candidates, exceptions }
 }
 
 /// The indices of the non-zero bytes of a mostly-zero mask, in order (eight bytes at a time).

@@ -231,35 +231,45 @@ pub fn part_range(total: usize, part: usize, parts: usize) -> std::ops::Range<us
     (part * total / parts)..((part + 1) * total / parts)
 }
 
-/// Evaluates part `part` of `parts` of `plan`'s items for merged weights, in this process.
-pub fn evaluate_part(
-    plan: &EvalPlan,
-    hub: &Hub,
-    pool: &ModelPool,
-    merged: &Merged,
-    part: usize,
-    parts: usize,
-) -> Result<PartResult> {
-    let device = crate::device::select(plan.accelerator)?;
-    let mut evaluator = evaluator(plan, hub, pool, &merged.weights, device)?;
-    let all = evaluator.items();
-    let range = part_range(all.len(), part, parts);
-    let mut items = Vec::with_capacity(range.len());
-    for i in range {
-        items.push((i, all[i], evaluator.run(&all[i])?));
+/// One evaluation, ready to run any of its parts in this process (the evaluator is built once,
+/// however many parts of it this process is given).
+pub struct PartEvaluator {
+    evaluator: Evaluator,
+    all_params: i64,
+    trainable_params: i64,
+    device: Device,
+}
+
+impl PartEvaluator {
+    /// The evaluator of `plan` for merged weights.
+    pub fn new(plan: &EvalPlan, hub: &Hub, pool: &ModelPool, merged: &Merged) -> Result<Self> {
+        let device = crate::device::select(plan.accelerator)?;
+        let evaluator = evaluator(plan, hub, pool, &merged.weights, device)?;
+        let all_params = merged.weights.numel();
+        let trainable_params = if merged.trainable { all_params } else { 0 };
+        Ok(Self { evaluator, all_params, trainable_params, device })
     }
-    work::finish_caches(&evaluator.cache_writers())?;
-    let all_params = merged.weights.numel();
-    Ok(PartResult {
-        part,
-        parts,
-        total_items: all.len(),
-        items,
-        names: evaluator.task_names(),
-        all_params,
-        trainable_params: if merged.trainable { all_params } else { 0 },
-        device: format!("{device:?}"),
-    })
+
+    /// Evaluates part `part` of `parts` of the items.
+    pub fn run(&mut self, part: usize, parts: usize) -> Result<PartResult> {
+        let all = self.evaluator.items();
+        let range = part_range(all.len(), part, parts);
+        let mut items = Vec::with_capacity(range.len());
+        for i in range {
+            items.push((i, all[i], self.evaluator.run(&all[i])?));
+        }
+        work::finish_caches(&self.evaluator.cache_writers())?;
+        Ok(PartResult {
+            part,
+            parts,
+            total_items: all.len(),
+            items,
+            names: self.evaluator.task_names(),
+            all_params: self.all_params,
+            trainable_params: self.trainable_params,
+            device: format!("{:?}", self.device),
+        })
+    }
 }
 
 /// Folds every part of an evaluation into its report, exactly as [`run`] folds its items, and
