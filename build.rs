@@ -5,6 +5,8 @@
 //! `torch/lib` lets `target/release/fusion_bench` run with no `LD_LIBRARY_PATH`; on a GPU machine
 //! whose own torch 2.11 lives elsewhere, `LD_LIBRARY_PATH` naming that `lib` folder takes precedence
 //! over this RUNPATH.
+//!
+//! It also embeds the `config/` tree into the binary (`$OUT_DIR/embedded_config.rs`).
 fn main() {
     if let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.to_string_lossy());
@@ -14,15 +16,35 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
     println!("cargo:rerun-if-changed=build.rs");
-    // The commit built, for sweep cell keys (a new build never serves an old build's results).
-    let git = std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=FUSION_BENCH_GIT={git}");
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    println!("cargo:rerun-if-changed=.git/refs/heads");
+    embed_config_tree();
+}
+
+/// Writes `$OUT_DIR/embedded_config.rs`: every file of `config/` as `(relative path, contents)`,
+/// sorted by path, so the binary carries FusionBench's config tree and runs from any folder.
+fn embed_config_tree() {
+    let root = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("config");
+    let mut files = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        let entries =
+            std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()));
+        for entry in entries {
+            let path = entry.unwrap_or_else(|e| panic!("reading {}: {e}", dir.display())).path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                let rel = path.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
+                files.push((rel, path));
+            }
+        }
+    }
+    files.sort();
+    let mut out = String::from("/// `(path relative to config/, contents)`, sorted by path.\npub static FILES: &[(&str, &str)] = &[\n");
+    for (rel, path) in &files {
+        out.push_str(&format!("    ({rel:?}, include_str!({:?})),\n", path.display().to_string()));
+    }
+    out.push_str("];\n");
+    let dest = std::path::Path::new(&std::env::var("OUT_DIR").unwrap()).join("embedded_config.rs");
+    std::fs::write(&dest, out).unwrap_or_else(|e| panic!("writing {}: {e}", dest.display()));
+    println!("cargo:rerun-if-changed=config");
 }

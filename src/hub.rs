@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 #[cfg(feature = "download")]
 pub mod download;
+pub mod identity;
 
 /// What kind of hub repository an id names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -221,3 +221,48 @@ fn a_host_list_sets_the_roles_of_a_launch_by_hand() {
     let meta = std::fs::read_to_string(PathBuf::from(meta)).unwrap();
     assert!(meta.contains("rank-1") && meta.contains("rank-2"), "{meta}");
 }
+
+/// `fabric.devices=N`: N workers in this one process share the evaluation's batches, and the
+/// report is the single-worker one, byte for byte, whatever the intra-op thread count (the
+/// thread-sensitive steps run on one thread; `device::single_threaded`).
+#[test]
+fn local_devices_and_thread_counts_give_the_single_worker_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, threads: &str, extra: &[&str]| {
+        let report = tmp.path().join(format!("{name}.json"));
+        let mut a = args(&report);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let out = command(&a, "info").env("OMP_NUM_THREADS", threads).output().unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let mut meta = report.as_os_str().to_owned();
+        meta.push(".meta.json");
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(PathBuf::from(meta)).unwrap()).unwrap();
+        (std::fs::read(&report).unwrap(), meta)
+    };
+    let (one, _) = run("one", "2", &[]);
+    let (one_thread, _) = run("one-thread", "1", &[]);
+    assert_eq!(one, one_thread, "the report depends on the intra-op thread count");
+    for devices in ["2", "3"] {
+        let (many, meta) =
+            run(&format!("devices-{devices}"), "2", &[&format!("fabric.devices={devices}")]);
+        assert_eq!(many, one, "fabric.devices={devices} changed the report");
+        let workers = meta["cluster"]["per_worker"].as_array().unwrap();
+        let n: usize = devices.parse().unwrap();
+        assert_eq!(workers.len(), n, "{meta}");
+        assert!(workers.iter().all(|w| w[1].as_u64().unwrap() > 0), "an idle worker: {meta}");
+        assert_eq!(meta["devices"].as_array().unwrap().len(), n, "{meta}");
+    }
+    let bad = command(
+        &[args(&tmp.path().join("x.json")), vec!["fabric.devices=[0,1]".into()]].concat(),
+        "warn",
+    )
+    .output()
+    .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("names GPUs"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}

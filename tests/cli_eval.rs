@@ -160,6 +160,17 @@ fn dummy_saves_the_model_and_provenance_beside_the_report() {
     .unwrap();
     assert_eq!(meta["seed"], 42);
     assert!(meta["model"].as_str().unwrap().contains(model), "{meta}");
+    // Provenance names every input by revision and content; the bundled ones are fixtures.
+    let (models, datasets) =
+        (meta["models"].as_object().unwrap(), meta["datasets"].as_object().unwrap());
+    assert_eq!((models.len(), datasets.len()), (1, 8), "{meta}");
+    for input in models.values().chain(datasets.values()).chain([&meta["base_model"]]) {
+        assert_eq!(input["origin"], "hub", "{input}");
+        assert!(input["revision"].as_str().unwrap().starts_with("fixture-"), "{input}");
+        let sha = input["sha256"].as_str().unwrap();
+        assert!(sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()), "{input}");
+    }
+    assert_eq!(models.values().next().unwrap()["id"], model);
     let (_, ours) = fusion_bench::models::clip::load_vision_weights(&saved).unwrap();
     let hub = fusion_bench::hub::Hub::new(hf_home.join("hub"));
     let src = hub.resolve(model, fusion_bench::hub::RepoType::Model, None).unwrap();

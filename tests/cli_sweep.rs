@@ -178,6 +178,16 @@ fn a_failing_cell_is_recorded_the_others_run_and_a_rerun_retries_it() {
 /// The sweep `extra` as three processes that srun would start (simulated nodes on this host):
 /// rank 0 serves, ranks 1 and 2 join; every process walks the same cells. (success, log) each.
 fn slurm_sweep(tmp: &Path, dir: &Path, extra: &[&str]) -> Vec<(bool, String)> {
+    slurm_sweep_with(tmp, dir, extra, |_| root().join("tests/fixtures/hf_home"))
+}
+
+/// [`slurm_sweep`] with rank `r` reading the hub cache `hf_home(r)`.
+fn slurm_sweep_with(
+    tmp: &Path,
+    dir: &Path,
+    extra: &[&str],
+    hf_home: impl Fn(usize) -> PathBuf,
+) -> Vec<(bool, String)> {
     let mut args = vec!["-m".to_string()];
     args.extend(base(extra));
     args.push(format!("sweep_dir={}", dir.display()));
@@ -186,6 +196,7 @@ fn slurm_sweep(tmp: &Path, dir: &Path, extra: &[&str]) -> Vec<(bool, String)> {
     let children: Vec<_> = (0..3)
         .map(|rank| {
             fusion_bench(&args)
+                .env("HF_HOME", hf_home(rank))
                 .env("SLURM_PROCID", rank.to_string())
                 .env("SLURM_NTASKS", "3")
                 .env("SLURM_JOB_ID", &job_id)
@@ -312,4 +323,69 @@ fn a_killed_sweep_loses_only_the_cell_in_flight_and_resumes_to_the_same_results(
         assert_eq!(x.parent().unwrap().file_name(), y.parent().unwrap().file_name());
         assert_eq!(std::fs::read(x).unwrap(), std::fs::read(y).unwrap());
     }
+}
+
+/// `cp -r` (files as they are, links as links).
+fn copy_tree(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap().flatten() {
+        let (from, to) = (e.path(), dst.join(e.file_name()));
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            copy_tree(&from, &to);
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&from).unwrap(), &to).unwrap();
+        } else {
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
+}
+
+/// Node-local hub caches: each of three Slurm ranks reads its own copy of the hub cache, at its
+/// own path. Cell keys name content, not paths, so the coordinator finds the reports the workers
+/// wrote, the reports equal the local sweep's, and a rerun (from fresh copies, as after a
+/// re-download) computes nothing.
+#[test]
+fn a_sweep_over_ranks_with_their_own_hub_caches_finishes_and_its_rerun_computes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = [
+        "method=task_arithmetic",
+        "method.scaling_factor=0.1,0.3,0.5,0.7,0.9,1.0",
+        "taskpool.dataloader_kwargs.batch_size=32",
+    ];
+    let local = tmp.path().join("local");
+    let out = sweep(&local, &extra);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let caches = |run: &'static str| {
+        let tmp = tmp.path().to_path_buf();
+        move |rank: usize| {
+            let home = tmp.join(format!("{run}/node-{rank}/hf_home"));
+            if !home.exists() {
+                copy_tree(&root().join("tests/fixtures/hf_home"), &home);
+            }
+            home
+        }
+    };
+    let dist = tmp.path().join("dist");
+    let logs = slurm_sweep_with(tmp.path(), &dist, &extra, caches("first"));
+    for (i, (ok, log)) in logs.iter().enumerate() {
+        assert!(ok, "rank {i} failed:\n{log}");
+    }
+    assert!(logs[0].1.contains("computed=6 skipped=0 failed=0"), "{}", logs[0].1);
+    let ran: Vec<usize> = logs.iter().map(|(_, l)| count(l, "cell done cell=")).collect();
+    assert_eq!(ran.iter().sum::<usize>(), 6, "{ran:?}");
+    assert!(ran.iter().filter(|&&n| n > 0).count() >= 2, "cells ran on one rank only: {ran:?}");
+    let (a, b) = (reports(&local), reports(&dist));
+    assert_eq!((a.len(), b.len()), (6, 6));
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.parent().unwrap().file_name(), y.parent().unwrap().file_name(), "cell keys");
+        assert_eq!(std::fs::read(x).unwrap(), std::fs::read(y).unwrap(), "{}", y.display());
+    }
+    let again = slurm_sweep_with(tmp.path(), &dist, &extra, caches("second"));
+    for (i, (ok, log)) in again.iter().enumerate() {
+        assert!(ok, "rank {i} failed on the rerun:\n{log}");
+    }
+    assert!(again[0].1.contains("computed=0 skipped=6 failed=0"), "{}", again[0].1);
+    let reran: usize = again.iter().map(|(_, l)| count(l, "cell done")).sum();
+    assert_eq!(reran, 0, "the rerun computed cells");
 }

@@ -11,6 +11,10 @@ pub struct Placement {
     pub local_rank: Option<usize>,
     /// The devices `CUDA_VISIBLE_DEVICES` lists (`None` when unset; empty when set to "").
     pub visible_devices: Option<Vec<String>>,
+    /// How many processes the launcher started on this node, if it says: `LOCAL_WORLD_SIZE`
+    /// (torchrun), `SLURM_NTASKS_PER_NODE`, or the first count of `SLURM_STEP_TASKS_PER_NODE` /
+    /// `SLURM_TASKS_PER_NODE` (`4(x2)` → 4).
+    pub local_world_size: Option<usize>,
 }
 
 impl Placement {
@@ -22,7 +26,19 @@ impl Placement {
         let visible_devices = get("CUDA_VISIBLE_DEVICES").map(|v| {
             v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
         });
-        Self { local_rank, visible_devices }
+        let local_world_size = [
+            "LOCAL_WORLD_SIZE",
+            "SLURM_NTASKS_PER_NODE",
+            "SLURM_STEP_TASKS_PER_NODE",
+            "SLURM_TASKS_PER_NODE",
+        ]
+        .iter()
+        .find_map(|k| {
+            let v = get(k)?;
+            let digits: String = v.trim().chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        });
+        Self { local_rank, visible_devices, local_world_size }
     }
 
     /// [`Placement::from_env_with`] over the process environment.
@@ -66,5 +82,10 @@ mod tests {
         assert_eq!(none.gpu_index(8), None);
         let torchrun = Placement::from_env_with(env(&[("LOCAL_RANK", "1")]));
         assert_eq!(torchrun.gpu_index(8), Some(1));
+        assert_eq!(torchrun.local_world_size, None);
+        let tr = Placement::from_env_with(env(&[("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "4")]));
+        assert_eq!(tr.local_world_size, Some(4));
+        let slurm = Placement::from_env_with(env(&[("SLURM_STEP_TASKS_PER_NODE", "4(x2),3")]));
+        assert_eq!(slurm.local_world_size, Some(4));
     }
 }

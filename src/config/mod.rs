@@ -7,8 +7,9 @@
 //! Stale names from FusionBench's docs are mapped with a warning ([`aliases`]).
 //!
 //! Search path (as FusionBench's `get_default_config_path`): the first existing directory among
-//! `$CWD/config`, `$CWD/fusion_bench_config`, and this crate's `config/`; `--config-path`
-//! replaces it; each `--config-dir` is searched after it.
+//! `$CWD/config` and `$CWD/fusion_bench_config`, else the tree built into the binary (this
+//! crate's `config/`, embedded at build time, so an installed or copied binary runs anywhere);
+//! `--config-path` replaces it; each `--config-dir` is searched after it.
 
 pub mod aliases;
 mod apply;
@@ -36,14 +37,14 @@ use std::time::SystemTime;
 /// The default primary config (`@hydra.main(config_name=...)`).
 pub const DEFAULT_CONFIG_NAME: &str = "fabric_model_fusion";
 
-/// The candidate primary config directories, in FusionBench's order.
+/// The candidate primary config directories, in FusionBench's order: `./config`, then
+/// `./fusion_bench_config`. When neither exists, the built-in tree is the primary one.
 pub fn default_config_dirs() -> Vec<PathBuf> {
     let mut v = Vec::new();
     if let Ok(cwd) = std::env::current_dir() {
         v.push(cwd.join("config"));
         v.push(cwd.join("fusion_bench_config"));
     }
-    v.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"));
     v
 }
 
@@ -55,11 +56,12 @@ pub struct Composed {
     config_name: String,
     ctx: Context,
     choices: Vec<(String, String)>,
-    search_path: Vec<PathBuf>,
+    search_path: Vec<repo::Source>,
 }
 
 /// Compose the config for `args` (the words after the program name). `config_dirs` are the
-/// candidate primary directories (usually [`default_config_dirs`]); the first that exists is used.
+/// candidate primary directories (usually [`default_config_dirs`]); the first that exists is
+/// used, else the built-in tree.
 pub fn compose_from_args(
     args: &[String],
     config_dirs: &[PathBuf],
@@ -75,12 +77,15 @@ pub fn compose_at(
 ) -> Result<Composed, ConfigError> {
     let cli = overrides::parse_args(args)?;
     let primary = match &cli.config_path {
-        Some(p) => Some(p.clone()),
-        None => config_dirs.iter().find(|d| d.is_dir()).cloned(),
+        Some(p) => repo::Source::Dir(p.clone()),
+        None => match config_dirs.iter().find(|d| d.is_dir()) {
+            Some(d) => repo::Source::Dir(d.clone()),
+            None => repo::Source::BuiltIn,
+        },
     };
-    let mut dirs: Vec<PathBuf> = primary.into_iter().collect();
-    dirs.extend(cli.config_dirs.iter().cloned());
-    let repo = repo::Repo::new(dirs);
+    let mut sources = vec![primary];
+    sources.extend(cli.config_dirs.iter().cloned().map(repo::Source::Dir));
+    let repo = repo::Repo::with_sources(sources);
     let config_name = cli.config_name.clone().unwrap_or_else(|| DEFAULT_CONFIG_NAME.to_string());
 
     let is_group = |o: &overrides::Override| !o.key.contains('.') && repo.is_group(&o.key);
@@ -107,7 +112,7 @@ pub fn compose_at(
         config_name,
         ctx: Context { hydra, now },
         choices,
-        search_path: repo.dirs().to_vec(),
+        search_path: repo.sources().to_vec(),
     })
 }
 
@@ -150,9 +155,13 @@ impl Composed {
     pub fn choices(&self) -> &[(String, String)] {
         &self.choices
     }
-    /// The directories configs were read from.
-    pub fn search_path(&self) -> &[PathBuf] {
+    /// Where configs were read from, primary first.
+    pub fn search_path(&self) -> &[repo::Source] {
         &self.search_path
+    }
+    /// The search path in words, for the log: `<built-in config tree>` or the folders.
+    pub fn describe_tree(&self) -> String {
+        self.search_path.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
     }
     /// The job config (no `hydra` node) with every interpolation resolved; `???` stays.
     pub fn resolved(&self) -> Result<Node, ConfigError> {

@@ -43,22 +43,96 @@ pub struct Context {
     pub seed: Option<u64>,
 }
 
-/// The method a composed `method` config names (by its config option, e.g. `task_arithmetic`,
-/// or its `_target_`), with its hyperparameters read from the config.
+/// A method of this build: the config option that names it, FusionBench's class (the config's
+/// `_target_`), and how to build it from its config section.
+pub struct Entry {
+    /// The `method=` option of FusionBench's config tree (`task_arithmetic`).
+    pub option: &'static str,
+    /// The class name ending the `_target_` (`TaskArithmeticAlgorithm`).
+    pub class: &'static str,
+    /// Builds the method from its config section.
+    pub build: fn(&MethodConfig, &Context) -> Result<Box<dyn Method>>,
+}
+
+/// Every method of this build: the one list that `build`, `--help` and the errors read.
+pub const REGISTRY: &[Entry] = &[
+    Entry { option: "dummy", class: "DummyAlgorithm", build: |_, _| Ok(Box::new(dummy::Dummy)) },
+    Entry {
+        option: "simple_average",
+        class: "SimpleAverageAlgorithm",
+        build: |_, _| Ok(Box::new(simple_average::SimpleAverage)),
+    },
+    Entry {
+        option: "task_arithmetic",
+        class: "TaskArithmeticAlgorithm",
+        build: |cfg, _| Ok(Box::new(task_arithmetic::TaskArithmetic::from_config(cfg)?)),
+    },
+    Entry {
+        option: "ties_merging",
+        class: "TiesMergingAlgorithm",
+        build: |cfg, _| Ok(Box::new(ties_merging::TiesMerging::from_config(cfg)?)),
+    },
+    Entry {
+        option: "analysis/task_vector_cos_similarity",
+        class: "TaskVectorCosSimilarity",
+        build: |cfg, ctx| {
+            Ok(Box::new(task_vector_cos_similarity::TaskVectorCosSimilarity::from_config(
+                cfg, ctx,
+            )?))
+        },
+    },
+];
+
+/// The `method=` options of [`REGISTRY`], in its order.
+pub fn available() -> Vec<String> {
+    REGISTRY.iter().map(|e| e.option.to_string()).collect()
+}
+
+/// The method a composed `method` config names (by its `_target_` class), with its
+/// hyperparameters read from the config.
 pub fn build(cfg: &MethodConfig, ctx: &Context) -> Result<Box<dyn Method>> {
     let target = cfg.target.as_deref().unwrap_or("");
-    let name = target.rsplit('.').next().unwrap_or("");
-    Ok(match name {
-        "DummyAlgorithm" => Box::new(dummy::Dummy),
-        "SimpleAverageAlgorithm" => Box::new(simple_average::SimpleAverage),
-        "TaskArithmeticAlgorithm" => Box::new(task_arithmetic::TaskArithmetic::from_config(cfg)?),
-        "TiesMergingAlgorithm" => Box::new(ties_merging::TiesMerging::from_config(cfg)?),
-        "TaskVectorCosSimilarity" => Box::new(
-            task_vector_cos_similarity::TaskVectorCosSimilarity::from_config(cfg, ctx)?,
+    let class = target.rsplit('.').next().unwrap_or("");
+    match REGISTRY.iter().find(|e| e.class == class) {
+        Some(e) => (e.build)(cfg, ctx),
+        None => bail!(
+            "method `{}` (_target_: {target}) is not available in this build (available: {})",
+            cfg.option.as_deref().unwrap_or("?"),
+            available().join(", ")
         ),
-        _ => bail!(
-            "method `{}` (_target_: {target}) is not available in this build (available: dummy, simple_average, task_arithmetic, ties_merging, analysis/task_vector_cos_similarity)",
-            cfg.option.as_deref().unwrap_or("?")
-        ),
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every registered option has its config file, whose `_target_` names the registered class.
+    #[test]
+    fn every_method_has_its_config_and_class() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/method");
+        assert_eq!(REGISTRY.len(), 5);
+        for e in REGISTRY {
+            let path = dir.join(format!("{}.yaml", e.option));
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+            let target = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("_target_:"))
+                .unwrap_or_else(|| panic!("{} has no _target_", path.display()))
+                .trim();
+            assert_eq!(target.rsplit('.').next(), Some(e.class), "{}", path.display());
+        }
+        let cfg = MethodConfig {
+            option: Some("nope".into()),
+            name: None,
+            target: Some("x.Nope".into()),
+            section: crate::config::Section {
+                path: "method".into(),
+                node: crate::config::Node::Null,
+            },
+        };
+        let e = build(&cfg, &Context::default()).err().unwrap().to_string();
+        assert!(e.contains("task_arithmetic") && e.contains("Nope"), "{e}");
+    }
 }

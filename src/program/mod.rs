@@ -6,10 +6,13 @@
 //! across workers; results are reduced in batch order, so the report never depends on where
 //! a batch ran.
 
+mod from_config;
 pub mod work;
 
+pub use from_config::{eval_plan, prefetch, run_config};
+
 use crate::data::cache::CropCache;
-use crate::device::Accelerator;
+use crate::device::{Accelerator, Devices};
 use crate::hub::Hub;
 use crate::methods::{Merged, ModelPool};
 use crate::models::clip::ClipVision;
@@ -39,6 +42,8 @@ pub struct DatasetRef {
 pub struct EvalPlan {
     /// What is evaluated, for the provenance file (the method and the pool's models).
     pub model: String,
+    /// The model pool's models, `(name, id)`, whose identities the provenance file records.
+    pub models: Vec<(String, String)>,
     /// The task pool's `base_model`: text tower, projections and logit scale.
     pub base_model: String,
     /// The processor (preprocessing config) id; FusionBench's task pool default is the base model.
@@ -51,6 +56,8 @@ pub struct EvalPlan {
     pub fast_dev_run: bool,
     /// CPU or GPU.
     pub accelerator: Accelerator,
+    /// `fabric.devices`: how many workers this process runs, one per device.
+    pub devices: Devices,
     /// Where to write the report JSON (FusionBench's `report_save_path`).
     pub report_save_path: Option<PathBuf>,
     /// Where to save the resulting vision model as `save_pretrained` would
@@ -124,15 +131,15 @@ pub fn run(
     merged: &Merged,
     distribution: Distribution,
 ) -> Result<Value> {
-    let device = crate::device::select(plan.accelerator)?;
     let weights = &merged.weights;
     if let Some(dir) = &plan.merged_model_save_path {
         save_vision_model(dir, &pool.config_source(), weights)?;
     }
-    let evaluator = evaluator(plan, hub, pool, weights, device)?;
-    let names = evaluator.task_names();
-    let items = evaluator.items();
-    let writers = evaluator.cache_writers();
+    let evaluators = evaluators(plan, hub, pool, weights)?;
+    let devices: Vec<String> = evaluators.iter().map(|e| format!("{:?}", e.device())).collect();
+    let names = evaluators[0].task_names();
+    let items = evaluators[0].items();
+    let writers = evaluators[0].cache_writers();
     let encoded = items
         .iter()
         .map(fusion_cluster::codec::encode)
@@ -143,9 +150,13 @@ pub fn run(
     };
     let t0 = Instant::now();
     let job = options.job_id.clone();
-    let summary = fusion_cluster::runtime::run_coordinator(
+    let local: Vec<Box<dyn fusion_cluster::runtime::Executor>> = evaluators
+        .into_iter()
+        .map(|e| Box::new(e) as Box<dyn fusion_cluster::runtime::Executor>)
+        .collect();
+    let summary = fusion_cluster::runtime::run_coordinator_with(
         encoded,
-        Some(Box::new(evaluator)),
+        local,
         listen,
         &options,
         |addr| tracing::info!(%addr, %job, "coordinator listening: workers join with --join"),
@@ -181,9 +192,48 @@ pub fn run(
             "workers_lost": summary.workers_lost,
             "computed_twice": summary.computed_twice,
         });
-        save_provenance(plan, &format!("{device:?}"), path, cluster)?;
+        save_provenance(plan, hub, &devices, path, cluster)?;
     }
     Ok(report)
+}
+
+/// One evaluator per device of `plan` ([`crate::device::select_all`]), sharing the tasks' data,
+/// decoded-image caches and dataset shards; CPU workers share the intra-op threads.
+pub fn evaluators(
+    plan: &EvalPlan,
+    hub: &Hub,
+    pool: &ModelPool,
+    weights: &WeightMap,
+) -> Result<Vec<Evaluator>> {
+    let devices = crate::device::select_all(plan.accelerator, &plan.devices)?;
+    let first = evaluator(plan, hub, pool, weights, devices[0])?;
+    let mut out = Vec::with_capacity(devices.len());
+    for &d in &devices[1..] {
+        out.push(first.replicate(load_vision(pool, weights, d)?, d)?);
+    }
+    out.insert(0, first);
+    let cpu_workers = devices.iter().filter(|d| **d == Device::Cpu).count();
+    if cpu_workers > 1 {
+        let threads = tch::get_num_threads().max(1) as usize;
+        let shares = crate::device::cpu_thread_shares(threads, cpu_workers);
+        tracing::info!(
+            workers = cpu_workers,
+            threads,
+            ?shares,
+            "CPU workers share the intra-op threads"
+        );
+        for (e, n) in out.iter_mut().filter(|e| e.device() == Device::Cpu).zip(shares) {
+            e.set_threads(n);
+        }
+    }
+    Ok(out)
+}
+
+fn load_vision(pool: &ModelPool, weights: &WeightMap, device: Device) -> Result<ClipVision> {
+    Ok(ClipVision::load(
+        &Scope::new(weights, device, Kind::Float).pp("vision_model"),
+        pool.config(),
+    )?)
 }
 
 /// The evaluator of `plan` for merged `weights` (vision tower in the pool's architecture).
@@ -194,11 +244,7 @@ pub fn evaluator(
     weights: &WeightMap,
     device: Device,
 ) -> Result<Evaluator> {
-    let vision = ClipVision::load(
-        &Scope::new(weights, device, Kind::Float).pp("vision_model"),
-        pool.config(),
-    )?;
-    Evaluator::new(plan, hub, vision, device)
+    Evaluator::new(plan, hub, load_vision(pool, weights, device)?, device)
 }
 
 /// One part of an evaluation, computed apart from the others (a sweep shares a cell's
@@ -243,7 +289,9 @@ pub struct PartEvaluator {
 impl PartEvaluator {
     /// The evaluator of `plan` for merged weights.
     pub fn new(plan: &EvalPlan, hub: &Hub, pool: &ModelPool, merged: &Merged) -> Result<Self> {
-        let device = crate::device::select(plan.accelerator)?;
+        let device = *crate::device::select_all(plan.accelerator, &plan.devices)?
+            .first()
+            .context("no device")?;
         let evaluator = evaluator(plan, hub, pool, &merged.weights, device)?;
         let all_params = merged.weights.numel();
         let trainable_params = if merged.trainable { all_params } else { 0 };
@@ -275,7 +323,7 @@ impl PartEvaluator {
 /// Folds every part of an evaluation into its report, exactly as [`run`] folds its items, and
 /// writes the report and its provenance where `plan` says. Fails unless the parts cover every
 /// item once and agree on the tasks and the model.
-pub fn report_from_parts(plan: &EvalPlan, mut parts: Vec<PartResult>) -> Result<Value> {
+pub fn report_from_parts(plan: &EvalPlan, hub: &Hub, mut parts: Vec<PartResult>) -> Result<Value> {
     parts.sort_by_key(|p| p.part);
     let first = parts.first().context("no part of the evaluation")?;
     let (names, total) = (first.names.clone(), first.total_items);
@@ -311,7 +359,7 @@ pub fn report_from_parts(plan: &EvalPlan, mut parts: Vec<PartResult>) -> Result<
             "items": total,
             "parts": parts.iter().map(|p| json!({"part": p.part, "items": p.items.len(), "device": p.device})).collect::<Vec<_>>(),
         });
-        save_provenance(plan, &first.device, path, cluster)?;
+        save_provenance(plan, hub, std::slice::from_ref(&first.device), path, cluster)?;
     }
     Ok(report)
 }
@@ -327,12 +375,32 @@ pub fn run_worker(
     name: &str,
     options: &ClusterOptions,
 ) -> Result<()> {
-    let device = crate::device::select(plan.accelerator)?;
-    let evaluator = evaluator(plan, hub, pool, &merged.weights, device)?;
-    let summary =
-        fusion_cluster::runtime::run_worker(coordinator, name, Box::new(evaluator), options)
+    let evaluators = evaluators(plan, hub, pool, &merged.weights)?;
+    if evaluators.len() == 1 {
+        let e = evaluators.into_iter().next().context("one evaluator")?;
+        let summary = fusion_cluster::runtime::run_worker(coordinator, name, Box::new(e), options)
             .with_context(|| format!("worker `{name}` of the coordinator at {coordinator}"))?;
-    tracing::info!(items = summary.executed, "worker done");
+        tracing::info!(items = summary.executed, "worker done");
+        return Ok(());
+    }
+    // One worker per device, each its own member of the cluster (`<name>.<i>`).
+    let n = evaluators.len();
+    let handles: Vec<_> = evaluators
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let (name, options) = (format!("{name}.{i}"), options.clone());
+            std::thread::spawn(move || {
+                fusion_cluster::runtime::run_worker(coordinator, &name, Box::new(e), &options)
+                    .with_context(|| format!("worker `{name}` of the coordinator at {coordinator}"))
+            })
+        })
+        .collect();
+    let mut executed = 0;
+    for h in handles {
+        executed += h.join().map_err(|_| anyhow::anyhow!("a device's worker panicked"))??.executed;
+    }
+    tracing::info!(items = executed, devices = n, "worker done");
     Ok(())
 }
 
@@ -370,16 +438,50 @@ pub fn save_vision_config(dir: &Path, source_config: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `<report>.meta.json`: what produced the report (seed, versions, threads, device,
-/// determinism), kept apart so the report itself stays byte-compatible with FusionBench's.
-fn save_provenance(plan: &EvalPlan, device: &str, report: &Path, cluster: Value) -> Result<()> {
+/// Writes `<report>.meta.json`: what produced the report (seed, versions, threads, devices, the
+/// identity and revision of every model and dataset), kept apart so the report itself stays
+/// byte-compatible with FusionBench's.
+fn save_provenance(
+    plan: &EvalPlan,
+    hub: &Hub,
+    devices: &[String],
+    report: &Path,
+    cluster: Value,
+) -> Result<()> {
+    let hashes = crate::hub::identity::HashCache::new(
+        plan.cache_dir.as_ref().map(|d| d.join("content_hashes")),
+    );
+    let identity = |id: &str, model: bool| -> Value {
+        let found =
+            if model { hub.model_identity(id, &hashes) } else { hub.dataset_identity(id, &hashes) };
+        match found {
+            Ok(i) => {
+                json!({"id": i.id, "origin": i.origin, "revision": i.revision, "sha256": i.digest, "files": i.files})
+            }
+            Err(e) => json!({"id": id, "error": e.to_string()}),
+        }
+    };
+    let models: Map<String, Value> =
+        plan.models.iter().map(|(name, id)| (name.clone(), identity(id, true))).collect();
+    let datasets: Map<String, Value> = plan
+        .tasks
+        .iter()
+        .map(|(name, d)| {
+            let mut v = identity(&d.id, false);
+            v["split"] = json!(d.split);
+            (name.clone(), v)
+        })
+        .collect();
     let meta = json!({
         "fusion_bench": env!("CARGO_PKG_VERSION"),
+        "numerics_version": crate::sweep::NUMERICS_VERSION,
         "libtorch": "2.11.0 (PyPI torch wheel), tch 0.24.0",
         "model": plan.model,
-        "base_model": plan.base_model,
+        "models": models,
+        "base_model": identity(&plan.base_model, true),
+        "datasets": datasets,
         "seed": plan.seed,
-        "device": device,
+        "devices": devices,
         "torch_threads": tch::get_num_threads(),
         "decode_threads": rayon::current_num_threads(),
         "batch_size": plan.batch_size,

@@ -47,7 +47,7 @@ struct Task {
     name: String,
     data: Arc<ImageDataset>,
     head: Tensor,
-    cached: Option<CachedCrops>,
+    cached: Option<Arc<CachedCrops>>,
 }
 
 /// A task's batches as a dataset-shard actor loads them: decoded, resized, cropped u8 images.
@@ -126,6 +126,10 @@ pub struct Evaluator {
     tasks: Vec<Task>,
     vision: ClipVision,
     base: ClipModel,
+    base_dir: std::path::PathBuf,
+    /// Intra-op threads of this worker, set before each item (libtorch's setting is per OS
+    /// thread, and items may run on any of the runtime's threads).
+    threads: usize,
     processor: ImageProcessorConfig,
     batch_size: usize,
     fast_dev_run: bool,
@@ -171,7 +175,7 @@ impl Evaluator {
                     format!("task `{name}`: opening dataset {} split {}", ds.id, ds.split)
                 })?;
             check_labels(name, &data, spec.classnames.len())?;
-            let cached = plan.crop_cache.as_ref().and_then(|c| c.open(&data));
+            let cached = plan.crop_cache.as_ref().and_then(|c| c.open(&data)).map(Arc::new);
             let writer = match (&cached, plan.fast_dev_run) {
                 (None, false) => plan.crop_cache.as_ref().and_then(|c| c.writer(&data)),
                 _ => None,
@@ -194,6 +198,8 @@ impl Evaluator {
             tasks,
             vision,
             base,
+            base_dir,
+            threads: tch::get_num_threads().max(1) as usize,
             processor,
             batch_size: plan.batch_size.max(1),
             fast_dev_run: plan.fast_dev_run,
@@ -205,6 +211,49 @@ impl Evaluator {
         let total: usize = ev.items().iter().map(|i| ev.examples(i)).sum();
         ev.bar = crate::progress::bar("evaluating", total, "images");
         Ok(ev)
+    }
+
+    /// Another worker of the same evaluation on `device` with `vision` (the model evaluated,
+    /// loaded on that device): the tasks' data, decoded-image caches, crop-cache writers,
+    /// dataset shards and progress bar are shared; the base model and heads live on `device`.
+    pub fn replicate(&self, vision: ClipVision, device: Device) -> Result<Self> {
+        let base = ClipModel::load(&self.base_dir, device).with_context(|| {
+            format!("loading the task pool's base model from {}", self.base_dir.display())
+        })?;
+        let tasks = self
+            .tasks
+            .iter()
+            .map(|t| Task {
+                name: t.name.clone(),
+                data: t.data.clone(),
+                head: t.head.to_device(device),
+                cached: t.cached.clone(),
+            })
+            .collect();
+        Ok(Self {
+            tasks,
+            vision,
+            base,
+            base_dir: self.base_dir.clone(),
+            threads: self.threads,
+            processor: self.processor.clone(),
+            batch_size: self.batch_size,
+            fast_dev_run: self.fast_dev_run,
+            device,
+            writers: self.writers.clone(),
+            shards: self.shards.clone(),
+            bar: self.bar.clone(),
+        })
+    }
+
+    /// The device this evaluator computes on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Makes this worker use `n` intra-op threads.
+    pub fn set_threads(&mut self, n: usize) {
+        self.threads = n.max(1);
     }
 
     /// The task names in plan order.
@@ -242,6 +291,9 @@ impl Evaluator {
     /// Evaluates one item.
     pub fn run(&mut self, item: &EvalItem) -> Result<Vec<BatchResult>> {
         let _guard = tch::no_grad_guard();
+        if self.device == Device::Cpu {
+            tch::set_num_threads(self.threads as i32);
+        }
         let t = item.task as usize;
         let task = self
             .tasks
@@ -286,9 +338,14 @@ impl Evaluator {
                 Tensor::from_slice(&pixels).view([bsz, 3, size.0, size.1]).to_device(self.device);
             let y = Tensor::from_slice(&labels).to_device(self.device);
             let feats = self.base.image_features(&self.vision, &x);
-            let logits = zeroshot::logits(&feats, &task.head, &self.base.logit_scale);
-            let loss = logits.cross_entropy_for_logits(&y).double_value(&[]) as f32;
-            let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+            // Logits and loss on one thread: their float32 results depend on the thread count.
+            let (loss, correct) = crate::device::single_threaded(|| {
+                let logits = zeroshot::logits(&feats, &task.head, &self.base.logit_scale);
+                let loss = logits.cross_entropy_for_logits(&y).double_value(&[]) as f32;
+                let correct =
+                    logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+                (loss, correct)
+            });
             out.push(BatchResult { correct: correct as u64, size: bsz as u64, loss });
             self.bar.inc(bsz as u64);
             tracing::debug!(task = %task.name, done = end, of = n, "batch");

@@ -9,8 +9,14 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
-/// The zero-shot head of `task` built with `clip`'s text tower, on `clip`'s device.
+/// The zero-shot head of `task` built with `clip`'s text tower, on `clip`'s device, on one
+/// intra-op thread (its numbers would otherwise depend on the thread count; see
+/// [`crate::device::single_threaded`]).
 pub fn zeroshot_head(clip: &ClipModel, tokenizer: &ClipTokenizer, task: &TaskSpec) -> Tensor {
+    crate::device::single_threaded(|| zeroshot_head_here(clip, tokenizer, task))
+}
+
+fn zeroshot_head_here(clip: &ClipModel, tokenizer: &ClipTokenizer, task: &TaskSpec) -> Tensor {
     let device = clip.logit_scale.device();
     let _guard = tch::no_grad_guard();
     let rows: Vec<Tensor> = (0..task.classnames.len())

@@ -16,10 +16,11 @@ use tokio::{sync::oneshot, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::{
+    local_worker_name,
     peer::{PeerArgs, PeerMsg, RemoteWorker},
     wire::Wire,
     worker::{Sink, Worker, WorkerArgs, WorkerMsg},
-    ClusterError, ClusterOptions, Executor, LostWorker, RunSummary, LOCAL_WORKER_NAME,
+    ClusterError, ClusterOptions, Executor, LostWorker, RunSummary,
 };
 use crate::{
     membership::{Event, MemberId, MemberKey, Membership, MembershipConfig, Role},
@@ -61,7 +62,7 @@ pub(crate) enum CoordinatorMsg {
 /// Start-up arguments of the coordinator.
 pub(crate) struct CoordinatorArgs {
     pub(crate) items: Vec<Vec<u8>>,
-    pub(crate) local: Option<Box<dyn Executor>>,
+    pub(crate) local: Vec<Box<dyn Executor>>,
     /// Whether workers can join over the network.
     pub(crate) networked: bool,
     pub(crate) opts: ClusterOptions,
@@ -105,8 +106,8 @@ pub(crate) struct CoordinatorState {
     opts: ClusterOptions,
     networked: bool,
     started: Instant,
-    /// The local executor, until `post_start` spawns its worker.
-    local: Option<Box<dyn Executor>>,
+    /// The local executors, until `post_start` spawns their workers.
+    local: Vec<Box<dyn Executor>>,
     next_id: u64,
     /// Live workers (joined, not lost).
     workers: BTreeMap<MemberKey, Handle>,
@@ -181,10 +182,11 @@ impl Actor for Coordinator {
     ) -> Result<(), ActorProcessingErr> {
         state.ticks =
             Some(myself.send_interval(state.opts.heartbeat_interval, || CoordinatorMsg::Tick));
-        if let Some(executor) = state.local.take() {
-            let key = state.join(LOCAL_WORKER_NAME, "in-process");
+        for (i, executor) in std::mem::take(&mut state.local).into_iter().enumerate() {
+            let name = local_worker_name(i);
+            let key = state.join(&name, "in-process");
             let args = WorkerArgs {
-                name: LOCAL_WORKER_NAME.into(),
+                name: name.clone(),
                 executor,
                 sink: Sink::Coordinator { coordinator: myself.clone(), key },
                 heartbeat: state.opts.heartbeat_interval,

@@ -73,8 +73,18 @@ use crate::transport::{
 /// Node name of the coordinator's process in its certificate and handshake.
 pub const COORDINATOR_NODE_NAME: &str = "coordinator";
 
-/// Name of the coordinator's in-process worker in [`RunSummary::per_worker`].
+/// Name of the coordinator's (first) in-process worker in [`RunSummary::per_worker`].
 pub const LOCAL_WORKER_NAME: &str = "local";
+
+/// Name of the coordinator's in-process worker number `i`: [`LOCAL_WORKER_NAME`], then
+/// `local-1`, `local-2`, ...
+pub fn local_worker_name(i: usize) -> String {
+    if i == 0 {
+        LOCAL_WORKER_NAME.to_string()
+    } else {
+        format!("{LOCAL_WORKER_NAME}-{i}")
+    }
+}
 
 /// The least a worker waits for the job CA to appear in [`ClusterOptions::job_dir`] (otherwise
 /// as long as [`ClusterOptions::wait_for_workers`]).
@@ -298,8 +308,20 @@ pub fn run_coordinator(
     opts: &ClusterOptions,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<RunSummary, ClusterError> {
+    run_coordinator_with(items, local.into_iter().collect(), listen, opts, on_listening)
+}
+
+/// [`run_coordinator`] with any number of in-process workers (one per local GPU, or CPU workers
+/// sharing the cores), named by [`local_worker_name`]; each is a worker like a remote one.
+pub fn run_coordinator_with(
+    items: Vec<Vec<u8>>,
+    local: Vec<Box<dyn Executor>>,
+    listen: Option<SocketAddr>,
+    opts: &ClusterOptions,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<RunSummary, ClusterError> {
     opts.validate()?;
-    if local.is_none() && listen.is_none() {
+    if local.is_empty() && listen.is_none() {
         return Err(ClusterError::Options(
             "neither a local executor nor a listen address: nobody could run the items".into(),
         ));
@@ -312,7 +334,7 @@ pub fn run_coordinator(
 
 async fn coordinate(
     items: Vec<Vec<u8>>,
-    local: Option<Box<dyn Executor>>,
+    local: Vec<Box<dyn Executor>>,
     listen: Option<SocketAddr>,
     opts: &ClusterOptions,
     on_listening: impl FnOnce(SocketAddr),
