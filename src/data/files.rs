@@ -27,26 +27,28 @@
 //!      `**/{keyword}/**`, `**/{keyword}[{sep}]*/**`, `**/*[{sep}]{keyword}/**`,
 //!      `**/*[{sep}]{keyword}[{sep}]*/**` (a `testing/` or `my-test_1/` folder);
 //!    - `DEFAULT_PATTERNS_SPLIT_IN_FILENAME`, from `KEYWORDS_IN_FILENAME_BASE_PATTERNS`:
-//!      `**/{keyword}[{sep}]*`, `**/*[{sep}]{keyword}[{sep}]*` (`mnist/test-00000-of-00001.parquet`,
-//!      `foo/bar_test_01.parquet`; not `latest.parquet`, `contest-1.parquet`, `testa.parquet`);
+//!      `**/{keyword}[{sep}]*`, `**/*[{sep}]{keyword}[{sep}]*`
+//!      (`mnist/test-00000-of-00001.parquet`, `foo/bar_test_01.parquet`; not `latest.parquet`,
+//!      `contest-1.parquet`, `testa.parquet`);
 //!    - `DEFAULT_PATTERNS_ALL`: `**` → `train`.
 //!
 //!    `{sep}` is `NON_WORDS_CHARS`, `-._ 0-9`; `SPLIT_KEYWORDS` map `train`, `training` → train;
-//!    `validation`, `valid`, `dev`, `val` → validation; `test`, `testing`, `eval`, `evaluation` →
-//!    test, tried keyword by keyword, each with the base patterns in the order above.
+//!    `validation`, `valid`, `dev`, `val` → validation; `test`, `testing`, `eval`,
+//!    `evaluation` → test, tried keyword by keyword, each with the base patterns in the order
+//!    above.
 //! 3. A split's files are its patterns' matches, pattern by pattern (each sorted by path) and
 //!    concatenated: not re-sorted, and a file two patterns match is listed twice
 //!    (`test-eval.parquet`), as `DataFilesList.from_patterns` does.
 //!
-//! `resolve_pattern` never matches a directory, a file named in `FILES_TO_IGNORE` (README.md,
-//! config.json, dataset_info.json, dataset_infos.json, dummy_data.zip, dataset_dict.json; unless
-//! the pattern names it), a file under a folder whose name starts with `__`
+//! `resolve_pattern` never matches a directory; nor, unless the pattern itself names them, a file
+//! named in `FILES_TO_IGNORE` (README.md, config.json, dataset_info.json, dataset_infos.json,
+//! dummy_data.zip, dataset_dict.json), a file under a folder whose name starts with `__`
 //! (`_is_inside_unrequested_special_dir`), or a hidden file or one under a hidden folder (a name
 //! starting with `.` that is not only dots,
-//! `_is_unrequested_hidden_file_or_is_inside_unrequested_hidden_dir`), unless the pattern names
-//! as many. Every other file counts when choosing the patterns (a `train/notes.txt` makes the
-//! folder group win); of a split's files only `*.parquet` ones are kept (`datasets` keeps those of
-//! the file format it infers, `DataFilesList.filter`; we read parquet).
+//! `_is_unrequested_hidden_file_or_is_inside_unrequested_hidden_dir`). Every other file counts
+//! when choosing the patterns (a `train/notes.txt` makes the folder group win); of a split's files
+//! only the `*.parquet` ones are kept (`datasets` keeps those of the format it infers,
+//! `DataFilesList.filter`; its parquet module would also take `.geoparquet`, `.gpq` and `.zip`).
 //!
 //! A config asked for without a `configs:` block (FusionBench's `load_dataset(path, name)`):
 //! `<config>/<split>-*.parquet`, then `<config>/<split>/*.parquet` (the first that matches, sorted,
