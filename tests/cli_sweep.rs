@@ -192,7 +192,10 @@ fn slurm_sweep_with(
     args.extend(base(extra));
     args.push(format!("sweep_dir={}", dir.display()));
     args.extend(["--job-dir".to_string(), tmp.join("job").display().to_string()]);
-    let job_id = (std::process::id() % 30_000 + 1_000 + extra.len() as u32).to_string();
+    // A job id (hence a coordinator port) of its own for every simulated job of this process.
+    static JOBS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = JOBS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let job_id = (std::process::id() % 30_000 * 8 % 39_000 + 1_000 + n).to_string();
     let children: Vec<_> = (0..3)
         .map(|rank| {
             fusion_bench(&args)
