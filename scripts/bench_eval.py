@@ -7,7 +7,8 @@ Three measurements, each printed with its ratio (FusionBench time / ours; > 1 me
    here once) on 256 JPEG images of 320x240, resized to 224, whole processes;
 3. preprocessing alone, one thread: parquet bytes -> decoded -> CLIP pixel values, ours
    (`examples/bench_preprocess.rs`) against transformers' CLIPImageProcessor + Pillow.
-In-process times (ours: the evaluation loop as logged) are printed separately. Every pair is run
+In-process times are printed separately: ours, the evaluation's own seconds (the `seconds` of the
+`evaluation done` log line) and the method's (`method done`). Every pair is run
 alternately `--repeats` times and medians are compared; both sides run on CPU with their default
 settings (FusionBench: DataLoader with 8 workers, batch 128). Reports are checked to agree.
 
@@ -102,6 +103,19 @@ def common(report):
             "fabric.accelerator=cpu", "print_config=false", f"report_save_path={report}"]
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def logged_seconds(stderr, message):
+    """The `seconds` field of each of our log lines whose message is `message`."""
+    out = []
+    for line in ANSI.sub("", stderr).splitlines():
+        m = re.search(re.escape(message) + r"\b.*?\bseconds=([0-9.eE+-]+)", line)
+        if m:
+            out.append(float(m.group(1)))
+    return out
+
+
 def timed(cmd, env, cwd):
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
@@ -124,19 +138,25 @@ def compare_eval(name, hf_home, task, dataset_id, repeats, tmp):
         f"taskpool.test_datasets.{task}.path={path}"]
     work = os.path.join(tmp, "cwd")  # no ./config here: it would shadow FusionBench's configs
     os.makedirs(work, exist_ok=True)
-    ours, theirs, inproc = [], [], []
+    ours, theirs, evals, methods = [], [], [], []
     for _ in range(repeats):
         dt, err = timed(ours_cmd, env, ROOT)
         ours.append(dt)
-        inproc += [float(m) for m in re.findall(r"seconds=([0-9.]+)", err)]
+        ev, me = logged_seconds(err, "evaluation done"), logged_seconds(err, "method done")
+        if len(ev) != 1:
+            sys.exit(f"expected one `evaluation done` line with seconds, got {ev}:\n{err[-3000:]}")
+        evals += ev
+        methods += me
         theirs.append(timed(theirs_cmd, env, work)[0])
     a = json.load(open(os.path.join(tmp, "ours.json")))
     b = json.load(open(os.path.join(tmp, "theirs.json")))
     n = 256 if task == "eurosat" else 397
     mo, mt = statistics.median(ours), statistics.median(theirs)
     print(f"{name}: {n} images, task {task}")
+    me = statistics.median(evals)
+    method = f", method median {statistics.median(methods):.3f} s" if methods else ""
     print(f"  fusion_bench (Rust)  whole process median {mo:7.2f} s  ({n / mo:7.1f} images/s); "
-          f"in-process eval median {statistics.median(inproc):.2f} s ({n / statistics.median(inproc):.1f} images/s)")
+          f"in-process: evaluation median {me:.2f} s ({n / me:.1f} images/s){method}")
     print(f"  FusionBench 0.2.33   whole process median {mt:7.2f} s  ({n / mt:7.1f} images/s)")
     print(f"  ratio (FusionBench / ours, whole process): {mt / mo:.2f}x   reports agree: {a[task] == b[task]}")
 

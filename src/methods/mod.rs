@@ -5,6 +5,7 @@
 //! vision weights as an ordered [`WeightMap`]; the program evaluates and saves them. Parallelism
 //! and placement stay out of method files.
 
+mod aten_sum;
 mod dummy;
 mod pool;
 mod simd;

@@ -14,7 +14,8 @@
 //! - Pass B: the merge itself. An entry outside its task's threshold bin is decided (kept above,
 //!   trimmed below); entries inside it are collected, and their coordinates, with those whose
 //!   elected sign is 0 (they depend on the global majority sign) and the few in libtorch's
-//!   reduction tail (below), are set aside as exceptions. All other coordinates are final.
+//!   reduction tail (the last `D mod 32` coordinates on x86-64, summed another way), are set
+//!   aside as exceptions. All other coordinates are final.
 //!
 //! Then each task's exact k-th value is selected among its bin's entries, the exceptions are
 //! computed exactly (adding their signs to the global total first) and patched into the output.
@@ -22,9 +23,11 @@
 //! Memory: one histogram per task, the bin entries, the exceptions, and one tensor of output at a
 //! time when it streams to disk.
 //!
-//! Every float32 operation is FusionBench's, on the same values and in libtorch's order, so the
-//! result is bit-identical.
+//! Every float32 operation is FusionBench's, on the same values and in libtorch's order (its
+//! `sum(dim=0)`'s, under the CPU capability it dispatches to: [`super::aten_sum`]), so the result
+//! is bit-identical.
 
+use super::aten_sum::{column_sum, CpuCapability, LaneCascade};
 use super::pool::{non_finite_error, output_tensor, output_values};
 use super::simd::{prefetch, widest_simd, PREFETCH_AHEAD};
 use super::{Merged, Method, ModelPool};
@@ -148,7 +151,14 @@ impl Method for TiesMerging {
 
         // Pass B: the merge of every decided coordinate.
         let lambda = self.scaling_factor as f32;
-        let tails = tail_starts(pool);
+        let capability = CpuCapability::current();
+        let block = capability.outer_sum_block();
+        tracing::debug!(
+            ?capability,
+            block,
+            "ties: libtorch's sum(dim=0) tail: the last D mod block columns"
+        );
+        let tails = tail_starts(pool, block);
         let merge_func = self.merge_func;
         let state = std::cell::RefCell::new(PassB {
             candidates: vec![Vec::new(); models.len()],
@@ -273,25 +283,6 @@ fn sign(x: f32) -> f32 {
     f32::from(u8::from(x > 0.0)) - f32::from(u8::from(x < 0.0))
 }
 
-/// libtorch's `sum(dim=0)` of one column of FusionBench's `[T, D]` matrix: rows added left to
-/// right, except in the reduction tail (the last `D mod 32` columns of the flattened model),
-/// where four accumulators starting at 0 take rows `i % 4` and are added `((a₀+a₁)+a₂)+a₃`.
-fn column_sum(v: &[f32], in_tail: bool) -> f32 {
-    if in_tail {
-        let mut acc = [0f32; 4];
-        for (i, x) in v.iter().enumerate() {
-            acc[i % 4] += x;
-        }
-        ((acc[0] + acc[1]) + acc[2]) + acc[3]
-    } else {
-        let mut s = v[0];
-        for x in &v[1..] {
-            s += x;
-        }
-        s
-    }
-}
-
 /// The disjoint merge of one coordinate's trimmed entries `v` under elected sign `gamma`.
 fn disjoint(v: &[f32], gamma: f32, in_tail: bool, func: MergeFunc) -> f32 {
     let keep = |x: f32| if gamma > 0.0 { x > 0.0 } else { x < 0.0 };
@@ -391,20 +382,22 @@ widest_simd! {
                 }
             }
         }
-        // γ = sign(Σ τ̂), rows added in order; `nonzero` marks coordinates with a kept entry.
-        let mut sum = v[..n].to_vec();
-        let mut nonzero: Vec<u8> = sum.iter().map(|&x| u8::from(x != 0.0)).collect();
-        for ti in 1..t {
-            for ((s, nz), &x) in sum.iter_mut().zip(nonzero.iter_mut()).zip(&v[ti * n..(ti + 1) * n]) {
+        let row = |ti: usize| &v[ti * n..(ti + 1) * n];
+        // γ = sign(Σ τ̂), rows added in libtorch's order (outside the tail; the tail's
+        // coordinates are exceptions); `nonzero` marks coordinates with a kept entry.
+        let mut sum = LaneCascade::new(t, n);
+        let mut nonzero = vec![0u8; n];
+        for ti in 0..t {
+            for ((s, nz), &x) in sum.acc().iter_mut().zip(nonzero.iter_mut()).zip(row(ti)) {
                 *s += x;
                 *nz |= u8::from(x != 0.0);
             }
+            sum.row_done();
         }
-        let gamma: Vec<f32> = sum.iter().map(|&s| sign(s)).collect();
+        let gamma: Vec<f32> = sum.finish().iter().map(|&s| sign(s)).collect();
         // Coordinates whose γ is 0 take the global majority sign, unknown yet; with every entry zero
         // it cannot change the result (except `max` on a zero θ₀, whose sign of zero it sets).
         let g: Vec<f32> = gamma.iter().map(|&x| if x == 0.0 { 1.0 } else { x }).collect();
-        let row = |ti: usize| &v[ti * n..(ti + 1) * n];
         // x · [γ > 0 ? x > 0 : x < 0], branch-free so the loops vectorise.
         let select = |x: f32, g: f32| {
             let up = u8::from(g > 0.0);
@@ -413,16 +406,19 @@ widest_simd! {
         };
         match func {
             MergeFunc::Sum | MergeFunc::Mean => {
-                let mut agg: Vec<f32> = row(0).iter().zip(&g).map(|(&x, &g)| select(x, g)).collect();
-                let mut count: Vec<f32> = agg.iter().map(|&s| f32::from(u8::from(s != 0.0))).collect();
-                for ti in 1..t {
-                    for (((a, c), &x), &g) in agg.iter_mut().zip(count.iter_mut()).zip(row(ti)).zip(&g)
-                    {
+                // From +0, as libtorch's sum: a column of −0 entries sums to +0.
+                let mut sum = LaneCascade::new(t, n);
+                let mut count = vec![0f32; n];
+                for ti in 0..t {
+                    let lanes = sum.acc().iter_mut().zip(count.iter_mut()).zip(row(ti)).zip(&g);
+                    for (((a, c), &x), &g) in lanes {
                         let sel = select(x, g);
                         *a += sel;
                         *c += f32::from(u8::from(sel != 0.0));
                     }
+                    sum.row_done();
                 }
+                let mut agg = sum.finish();
                 if func == MergeFunc::Mean {
                     for (a, c) in agg.iter_mut().zip(&count) {
                         *a /= c.max(1.0);
@@ -472,13 +468,14 @@ fn nonzero_positions(mask: &[u8]) -> impl Iterator<Item = usize> + '_ {
     })
 }
 
-/// For each tensor name, the local index where the flattened model's `D mod 32` tail starts
-/// (its length when the tensor lies before the tail). FusionBench flattens in sorted-key order.
-fn tail_starts(pool: &ModelPool) -> std::collections::HashMap<String, i64> {
+/// For each tensor name, the local index where libtorch's reduction tail (the flattened model's
+/// last `D mod block` coordinates) starts, or the tensor's length when it lies before the tail.
+/// FusionBench flattens in sorted-key order.
+fn tail_starts(pool: &ModelPool, block: usize) -> std::collections::HashMap<String, i64> {
     let names = pool.parameter_names();
     let numel: Vec<i64> = names.iter().map(|n| pool.shape(n).iter().product()).collect();
     let total: i64 = numel.iter().sum();
-    let tail_from = total - total % 32;
+    let tail_from = total - total % block as i64;
     let mut order: Vec<usize> = (0..names.len()).collect();
     order.sort_by(|&a, &b| names[a].cmp(&names[b]));
     let mut offset = 0;
