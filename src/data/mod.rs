@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod files;
+pub mod glob;
 pub mod image;
 pub mod parquet;
 pub mod preprocess;
