@@ -31,7 +31,8 @@ fn command(extra: &[String], log: &str) -> Command {
     c.args(extra)
         .env("HF_HOME", root().join("tests/fixtures/hf_home"))
         .env("FUSION_BENCH_FAST_TIMEOUTS", "1")
-        // One intra-op thread everywhere, so every process computes each batch identically.
+        // One intra-op thread per process, so several share the cores without oversubscribing
+        // them (reports do not depend on the thread count: see the devices test).
         .env("OMP_NUM_THREADS", "1")
         .env("FUSION_BENCH_IMAGE_CACHE_GB", "0")
         .env("RUST_LOG", log)
@@ -70,9 +71,10 @@ fn wait_for(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> Str
     panic!("no line with `{needle}` within {timeout:?}; saw:\n{}", seen.join("\n"));
 }
 
+/// The report of the job run alone, on two intra-op threads (the cluster processes have one).
 fn single_process_report(dir: &Path) -> Vec<u8> {
     let report = dir.join("single.json");
-    let out = command(&args(&report), "warn").output().unwrap();
+    let out = command(&args(&report), "warn").env("OMP_NUM_THREADS", "2").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::read(report).unwrap()
 }

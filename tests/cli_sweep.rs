@@ -15,7 +15,7 @@ fn fusion_bench(args: &[String]) -> Command {
     c.args(args)
         .env("HF_HOME", root().join("tests/fixtures/hf_home"))
         .env("FUSION_BENCH_IMAGE_CACHE_GB", "0")
-        // One intra-op thread: local and distributed runs compute each batch identically.
+        // One intra-op thread per process, so the simulated ranks share the cores.
         .env("OMP_NUM_THREADS", "1")
         .env("RUST_LOG", "info")
         .env("RUST_BACKTRACE", "0")
