@@ -280,24 +280,6 @@ mod tests {
                 assert!(h.contains(n), "--help lacks {n}");
             }
         }
-        // The flags the README documents, by name.
-        for n in [
-            "-m",
-            "--serve",
-            "--join",
-            "--hosts",
-            "--rank",
-            "--wait",
-            "--job-dir",
-            "--node-name",
-            "--min-workers",
-            "--prefetch",
-            "--cfg",
-            "--config-dir",
-            "--config-name",
-        ] {
-            assert!(find(n).is_some() && h.contains(n), "{n}");
-        }
         for m in crate::methods::available() {
             assert!(h.contains(m.as_str()), "--help lacks method {m}");
         }

@@ -151,20 +151,11 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_home/hub")
     }
 
-    /// `cp -r src dst` (files and links as they are).
+    /// `cp -r src dst` (files as they are, links as links).
     fn copy_tree(src: &Path, dst: &Path) {
-        std::fs::create_dir_all(dst).unwrap();
-        for e in std::fs::read_dir(src).unwrap().flatten() {
-            let (from, to) = (e.path(), dst.join(e.file_name()));
-            let ft = e.file_type().unwrap();
-            if ft.is_dir() {
-                copy_tree(&from, &to);
-            } else if ft.is_symlink() {
-                std::os::unix::fs::symlink(std::fs::read_link(&from).unwrap(), &to).unwrap();
-            } else {
-                std::fs::copy(&from, &to).unwrap();
-            }
-        }
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        let ok = std::process::Command::new("cp").arg("-r").arg(src).arg(dst).status().unwrap();
+        assert!(ok.success(), "cp -r {} {}", src.display(), dst.display());
     }
 
     fn key(args: &[&str], hub: &Hub) -> String {
