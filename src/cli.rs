@@ -186,7 +186,7 @@ pub fn version() -> String {
     format!(
         "fusion_bench (Rust) {} (numerics {}; libtorch 2.11, tch 0.24)",
         env!("CARGO_PKG_VERSION"),
-        crate::sweep::NUMERICS_VERSION
+        crate::version::NUMERICS_VERSION
     )
 }
 

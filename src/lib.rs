@@ -21,4 +21,5 @@ pub mod progress;
 pub mod report;
 pub mod sweep;
 pub mod tasks;
+pub mod version;
 pub mod weights;

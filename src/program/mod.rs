@@ -474,7 +474,7 @@ fn save_provenance(
         .collect();
     let meta = json!({
         "fusion_bench": env!("CARGO_PKG_VERSION"),
-        "numerics_version": crate::sweep::NUMERICS_VERSION,
+        "numerics_version": crate::version::NUMERICS_VERSION,
         "libtorch": "2.11.0 (PyPI torch wheel), tch 0.24.0",
         "model": plan.model,
         "models": models,

@@ -13,19 +13,8 @@ use super::Cell;
 use crate::config::{compose_from_args, default_config_dirs, Composed, ProgramConfig};
 use crate::hub::identity::{HashCache, Identity};
 use crate::hub::Hub;
+pub use crate::version::{code_version, NUMERICS_VERSION};
 use anyhow::{Context, Result};
-
-/// The version of the numbers this build computes. Bump it, on purpose and in the same commit,
-/// whenever a change could change any result of any method (a kernel's summation order, a
-/// preprocessing step, a default): finished sweep cells are then computed again instead of being
-/// served from an older build. Changes that cannot alter results (logging, speed with the same
-/// bits, new methods) leave it alone, so their finished cells stay valid.
-pub const NUMERICS_VERSION: u32 = 1;
-
-/// The program's version as it enters cell keys: `<crate version>+numerics.<NUMERICS_VERSION>`.
-pub fn code_version() -> String {
-    format!("{}+numerics.{NUMERICS_VERSION}", env!("CARGO_PKG_VERSION"))
-}
 
 /// Keys of the composed configuration (dotted paths) that do not change a cell's result: where
 /// outputs go, what is printed, and how many devices compute it (the report is the same for any

@@ -86,7 +86,7 @@ fn cache_file(
 ) -> Option<PathBuf> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     // The numerics version: a change of how heads are computed never serves an old head.
-    crate::sweep::code_version().hash(&mut h);
+    crate::version::code_version().hash(&mut h);
     std::fs::canonicalize(base_dir).ok()?.hash(&mut h);
     std::fs::read(base_dir.join("config.json")).ok()?.hash(&mut h);
     for entry in std::fs::read_dir(base_dir).ok()?.flatten() {
