@@ -23,6 +23,15 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=FUSION_BENCH_GIT={git}");
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    println!("cargo:rerun-if-changed=.git/refs/heads");
+    // Where HEAD and the branch refs live: `.git/…` in a clone, elsewhere in a `git worktree`
+    // (where `.git` is a file, and a path that never exists would rerun this script every build).
+    for (path, default) in [("HEAD", ".git/HEAD"), ("refs/heads", ".git/refs/heads")] {
+        let found = std::process::Command::new("git")
+            .args(["rev-parse", "--git-path", path])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        println!("cargo:rerun-if-changed={}", found.as_deref().unwrap_or(default));
+    }
 }
