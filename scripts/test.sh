@@ -14,7 +14,7 @@ stage() {
 }
 # shellcheck source=env.sh
 stage "libtorch (torch 2.11.0 venv)" source scripts/env.sh
-stage "fixtures match tests/fixtures/SHA256SUMS" bash -c 'cd tests/fixtures && sha256sum --quiet -c SHA256SUMS'
+stage "fixtures match tests/fixtures/SHA256SUMS" scripts/fixtures/sha256sums.sh --check
 stage "cargo fmt --check" cargo fmt --all --check
 stage "cargo clippy" cargo clippy --release --workspace --all-targets --locked -- -D warnings
 stage "cargo build" cargo build --release --workspace --all-targets --locked

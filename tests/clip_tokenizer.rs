@@ -53,7 +53,7 @@ fn known_ids() {
 #[test]
 fn matches_hugging_face_on_every_golden_case() {
     let cases = cases();
-    assert!(cases.len() > 3000, "only {} cases", cases.len());
+    assert!(cases.len() > 3000, "only {} cases in the golden file", cases.len());
     check_all(&tokenizer(), &cases);
     eprintln!("{} golden cases match", cases.len());
 }
@@ -63,7 +63,8 @@ fn batches_pad_like_hugging_face() {
     let tok = tokenizer();
     let golden = golden();
     let batches = golden["batches"].as_array().unwrap();
-    assert!(!batches.is_empty());
+    assert!(!batches.is_empty(), "no batch in the golden file");
+    println!("{} golden batches", batches.len());
     for b in batches {
         let texts: Vec<&str> =
             b["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
@@ -156,7 +157,7 @@ fn missing_and_corrupt_files_are_named() {
 }
 
 #[test]
-fn encodes_all_task_prompts_quickly_from_many_threads() {
+fn encodes_all_task_prompts_alike_from_many_threads() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<ClipTokenizer>();
     let tasks: serde_json::Value =
@@ -199,4 +200,6 @@ fn encodes_all_task_prompts_quickly_from_many_threads() {
             k += 1;
         }
     }
+    assert!(k > 3000, "only {k} prompts");
+    assert_eq!(k, prompts.len(), "every prompt compared");
 }

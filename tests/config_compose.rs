@@ -248,7 +248,13 @@ fn golden_cfg_job_matches_fusionbench() {
         );
         n += 1;
     }
-    assert!(n >= 5);
+    // Every golden file was compared: one case per `<name>.yaml`.
+    let goldens = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "yaml"))
+        .count();
+    assert!(n > 0, "no case in cases.txt");
+    assert_eq!(n, goldens, "cases compared vs golden .yaml files in {}", dir.display());
 }
 
 #[test]

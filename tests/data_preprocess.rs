@@ -61,6 +61,11 @@ impl Golden {
                 .collect(),
         )
     }
+    /// How many golden tensors are named `<prefix>/…` (what a loop over them must compare).
+    fn count(&self, prefix: &str) -> usize {
+        let p = format!("{prefix}/");
+        self.st().names().iter().filter(|n| n.starts_with(&p)).count()
+    }
     /// Pillow's `convert("RGB")` pixels of an image.
     fn rgb(&self, name: &str) -> RgbImage {
         let (shape, data) = self.u8s(&format!("rgb/{name}")).unwrap();
@@ -135,6 +140,8 @@ fn decode_matches_pillow_convert_rgb() {
         }
     }
     println!("decode: {}/{} images bit-exact", images.len() - bad.len(), images.len());
+    assert!(!images.is_empty());
+    assert_eq!(images.len(), g.count("rgb"), "every golden image decoded");
     assert!(bad.is_empty(), "decode mismatches:\n{}", bad.join("\n"));
 }
 
@@ -159,7 +166,8 @@ fn resize_and_crop_match_pillow_at_224() {
         }
     }
     println!("resize+crop 224: {}/{checked} images bit-exact", checked - bad.len());
-    assert!(checked >= 15);
+    assert!(checked > 0);
+    assert_eq!(checked, g.count("crop224"), "every golden crop compared");
     assert!(bad.is_empty(), "resize mismatches:\n{}", bad.join("\n"));
 }
 
@@ -208,8 +216,16 @@ fn preprocess_matches_clip_image_processor() {
     }
     let mut keys: Vec<_> = counts.iter().collect();
     keys.sort();
-    for (k, (ok, n)) in keys {
+    for (k, (ok, n)) in &keys {
         println!("preprocess {k}: {ok}/{n} images bit-exact");
+    }
+    // Every golden tensor of each config was compared (none skipped for want of an image).
+    let compared =
+        [("clip224", "clip224"), ("clip32", "clip32"), ("pad", "pad"), ("crop224->f32", "crop224")];
+    for (key, prefix) in compared {
+        let n = counts.get(key).map_or(0, |c| c.1);
+        assert!(n > 0, "no {key} image compared");
+        assert_eq!(n, g.count(prefix), "{key}: images compared");
     }
     assert!(bad.is_empty(), "preprocess mismatches:\n{}", bad.join("\n"));
 }

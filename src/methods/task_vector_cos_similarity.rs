@@ -4,7 +4,9 @@
 //!
 //! As FusionBench computes it: each τᵢ is the float32 difference, flattened in sorted-key order,
 //! then widened to float64, and `C[i,j] = cosine_similarity(τᵢ, τⱼ)` is libtorch's own function
-//! on those vectors, so the matrix is bit-identical. It is written as pandas writes the
+//! on those vectors, so the matrix is bit-identical to FusionBench's on the same machine with the
+//! same thread count (ATen splits the float64 sums by vector width and threads; elsewhere the
+//! last bits may differ, `tests/merge_bad_input.rs`). It is written as pandas writes the
 //! `DataFrame` (`task_vector_cos_similarity.csv`), with a heatmap PNG beside it (FusionBench
 //! draws a PDF with seaborn), and printed. The method returns the pretrained model, so it is run
 //! with `taskpool=dummy`.

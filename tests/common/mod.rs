@@ -1,10 +1,14 @@
-//! Shared by the integration tests that drive a bash harness with this build's `fusion_bench`.
+//! Shared by the integration tests: driving a bash harness with this build's `fusion_bench`, and
+//! comparing safetensors files byte for byte.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::Command;
 
 /// Runs `scripts/<script>` with the built `fusion_bench` as its argument, prints its output, and
-/// asserts it passed (or skipped, which the harnesses allow only outside `CI=true`).
+/// asserts it passed. A harness that cannot run here (no root, no `ip netns`, no Slurm) prints
+/// `SKIP: …` and exits 0; that is accepted only outside CI: under `CI=true` the harness itself
+/// fails instead of skipping, and a `SKIP` line or a missing `PASS` line fails the test too.
 pub fn run_harness(script: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(script);
     let out =
@@ -13,5 +17,58 @@ pub fn run_harness(script: &str) {
     println!("{stdout}");
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{} failed: {}", script.display(), out.status);
-    assert!(stdout.contains("PASS") || stdout.contains("SKIP"), "{stdout}");
+    assert_harness_verdict(&stdout, std::env::var("CI").as_deref() == Ok("true"));
+}
+
+/// A harness's output must hold a `PASS:` line, or (outside CI only) a `SKIP:` line.
+pub fn assert_harness_verdict(stdout: &str, ci: bool) {
+    let line = |tag: &str| stdout.lines().any(|l| l.starts_with(tag));
+    if ci {
+        assert!(!line("SKIP:"), "a harness skipped under CI=true, where a skip is a failure");
+        assert!(line("PASS:"), "no PASS line from the harness:\n{stdout}");
+    } else {
+        assert!(
+            line("PASS:") || line("SKIP:"),
+            "neither PASS nor SKIP from the harness:\n{stdout}"
+        );
+    }
+}
+
+/// Asserts that two safetensors files hold the same tensors, by the names in their headers: same
+/// set of names, and for each the same dtype, shape and data bytes (so `-0.0` differs from `0.0`
+/// and a NaN's payload counts). The order of the header and of the data may differ. Returns how
+/// many tensors were compared (at least one).
+pub fn assert_same_safetensors(ours: &Path, golden: &Path) -> usize {
+    let (ob, gb) = (std::fs::read(ours).unwrap(), std::fs::read(golden).unwrap());
+    let o = safetensors::SafeTensors::deserialize(&ob).unwrap();
+    let g = safetensors::SafeTensors::deserialize(&gb).unwrap();
+    let sorted = |st: &safetensors::SafeTensors| {
+        let mut v: Vec<String> = st.names().into_iter().map(String::from).collect();
+        v.sort();
+        v
+    };
+    let names = sorted(&g);
+    assert!(!names.is_empty(), "{} holds no tensor", golden.display());
+    assert_eq!(sorted(&o), names, "{} vs {}: tensor names", ours.display(), golden.display());
+    for name in &names {
+        let (a, b) = (o.tensor(name).unwrap(), g.tensor(name).unwrap());
+        assert_eq!((a.dtype(), a.shape()), (b.dtype(), b.shape()), "`{name}`: dtype or shape");
+        if a.data() != b.data() {
+            let words = |d: &[u8]| -> Vec<[u8; 4]> {
+                d.chunks_exact(4).map(|w| [w[0], w[1], w[2], w[3]]).collect()
+            };
+            let (x, y) = (words(a.data()), words(b.data()));
+            let differing = x.iter().zip(&y).filter(|(p, q)| p != q).count();
+            let max = (b.dtype() == safetensors::Dtype::F32).then(|| {
+                let f = |w: &[u8; 4]| f32::from_le_bytes(*w);
+                x.iter().zip(&y).map(|(p, q)| (f(p) - f(q)).abs()).fold(0f32, f32::max)
+            });
+            panic!(
+                "`{name}` differs from {}: {differing} of {} 4-byte words; max |diff| {max:?}",
+                golden.display(),
+                y.len()
+            );
+        }
+    }
+    names.len()
 }
