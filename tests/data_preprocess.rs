@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use fusion_bench::data::files::{find_split_files, glob_match};
+use fusion_bench::data::files::find_split_files;
+use fusion_bench::data::glob::glob_match;
 use fusion_bench::data::parquet::{num_rows, read_rows};
 use fusion_bench::data::preprocess::{CropSize, ResizeTo};
 use fusion_bench::data::resize::resize_bicubic;
