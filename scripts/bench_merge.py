@@ -264,7 +264,10 @@ def compare(a_dir, b_dir):
     if sorted(a) != sorted(b):
         return "different keys"
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    return "bit-identical" if all(torch.equal(a[k], b[k]) for k in a) else f"max |diff| {worst:.3g}"
+    # Bits, not values: torch.equal would take -0.0 for 0.0.
+    same = all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+               and a[k].contiguous().view(torch.uint8).equal(b[k].contiguous().view(torch.uint8)) for k in a)
+    return "bit-identical" if same else f"max |diff| {worst:.3g}"
 
 
 def bench(arch, hf_home, repeats, tmp, fusionbench, skip_fb_ties):
