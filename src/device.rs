@@ -230,15 +230,6 @@ pub fn select_all(accelerator: Accelerator, devices: &Devices) -> Result<Vec<Dev
     Ok(chosen)
 }
 
-/// [`choose`] with this process's environment and libtorch's device count.
-pub fn select(accelerator: Accelerator) -> Result<Device, DeviceError> {
-    let count =
-        if tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 };
-    let device = choose(accelerator, &Placement::from_env(), count)?;
-    tracing::info!(?device, cuda_devices = count, "device selected");
-    Ok(device)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
