@@ -21,5 +21,6 @@ pub mod progress;
 pub mod report;
 pub mod sweep;
 pub mod tasks;
+pub mod tta;
 pub mod version;
 pub mod weights;

@@ -26,7 +26,7 @@ pub use error::ConfigError;
 pub use node::{Map, Node};
 pub use overrides::{CfgKind, CliArgs};
 pub use program::{
-    warn_unknown_keys, DatasetSpec, FabricConfig, MethodConfig, ModelPoolConfig, ModelSpec,
+    warn_unknown_keys, DatasetSpec, FabricConfig, LoggersConfig, MethodConfig, ModelPoolConfig, ModelSpec,
     PathConfig, ProgramConfig, Section, TaskPoolConfig, TaskPoolKind, ValidationSplit,
 };
 

@@ -135,6 +135,20 @@ pub struct FabricConfig {
     pub accelerator: String,
     /// `devices` as written (an int, `auto`, or a list).
     pub devices: Node,
+    /// `loggers`: where training methods write their logs.
+    pub loggers: LoggersConfig,
+}
+
+/// `fabric.loggers` (FusionBench's TensorBoard or CSV logger config): the log directory is
+/// `root_dir/name/version_N`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LoggersConfig {
+    /// `root_dir` (FusionBench: `${path.log_dir}`).
+    pub root_dir: Option<String>,
+    /// `name` (`""`: none).
+    pub name: Option<String>,
+    /// `version` (`""` or null: the next free `version_N`).
+    pub version: Option<String>,
 }
 
 impl FabricConfig {
@@ -238,8 +252,23 @@ impl ProgramConfig {
             Some(Node::Map(f)) => FabricConfig {
                 accelerator: opt_str(f, "accelerator", "fabric")?.unwrap_or_else(|| "auto".into()),
                 devices: f.get("devices").cloned().unwrap_or(Node::Int(1)),
+                loggers: match f.get("loggers") {
+                    Some(Node::Map(l)) => LoggersConfig {
+                        root_dir: opt_str(l, "root_dir", "fabric.loggers")?,
+                        name: opt_str(l, "name", "fabric.loggers")?,
+                        version: match l.get("version") {
+                            Some(Node::Int(i)) => Some(i.to_string()),
+                            _ => opt_str(l, "version", "fabric.loggers")?,
+                        },
+                    },
+                    _ => LoggersConfig::default(),
+                },
             },
-            _ => FabricConfig { accelerator: "auto".into(), devices: Node::Int(1) },
+            _ => FabricConfig {
+                accelerator: "auto".into(),
+                devices: Node::Int(1),
+                loggers: LoggersConfig::default(),
+            },
         };
         let path = match m.get("path") {
             Some(Node::Map(p)) => PathConfig {

@@ -120,6 +120,16 @@ impl CachedCrops {
         }
         out
     }
+
+    /// Normalised `pixel_values` (`[n, 3, H, W]` f32, flattened) of examples `indices`, in
+    /// that order.
+    pub fn batch_indices(&self, indices: &[usize], cfg: &ImageProcessorConfig) -> Vec<f32> {
+        let mut out = vec![0f32; indices.len() * self.per_image];
+        for (&i, chunk) in indices.iter().zip(out.chunks_exact_mut(self.per_image)) {
+            normalize_into(&self.mmap[i * self.per_image..(i + 1) * self.per_image], cfg, chunk);
+        }
+        out
+    }
 }
 
 impl CropWriter {

@@ -300,6 +300,35 @@ impl ImageDataset {
         Ok((out, self.labels[range].to_vec()))
     }
 
+    /// Decode, resize and centre-crop examples `indices` (any order) in parallel: the u8 HWC
+    /// crops concatenated in that order.
+    pub fn decode_crop_indices(&self, indices: &[usize]) -> Result<Vec<u8>, DataError> {
+        let mut out = Vec::new();
+        let mut expected = None;
+        let crops: Vec<Result<Vec<u8>, DataError>> = indices
+            .par_iter()
+            .map(|&i| {
+                let img = self.decode(i)?;
+                preprocess::resize_and_crop(&img, &self.processor).map(|c| c.data).map_err(
+                    |source| {
+                        let (path, row) = self.where_(i);
+                        DataError::Preprocess { path, row, source }
+                    },
+                )
+            })
+            .collect();
+        for (&i, c) in indices.iter().zip(crops) {
+            let c = c?;
+            let want = *expected.get_or_insert(c.len());
+            if c.len() != want {
+                let (path, row) = self.where_(i);
+                return Err(DataError::RaggedBatch { path, row, got: c.len(), expected: want });
+            }
+            out.extend_from_slice(&c);
+        }
+        Ok(out)
+    }
+
     /// A fingerprint of the split's files (path, size, modification time) and of the
     /// preprocessing settings that shape the crops: the decoded-image cache's key.
     pub fn fingerprint(&self) -> u64 {

@@ -5,6 +5,7 @@
 //! vision weights as an ordered [`WeightMap`]; the program evaluates and saves them. Parallelism
 //! and placement stay out of method files.
 
+pub mod adamerging;
 mod aten_sum;
 mod dummy;
 mod pool;
@@ -31,8 +32,20 @@ pub struct Merged {
 
 /// A model-merging method.
 pub trait Method {
-    /// Runs the method on the pool.
-    fn run(&self, pool: &ModelPool) -> Result<Merged>;
+    /// Runs the method: on `ctx.pool`, with what else the program offers.
+    fn run(&self, ctx: &RunContext<'_>) -> Result<Merged>;
+}
+
+/// What a method sees when it runs: the model pool, the hub (to load the tasks' data and the
+/// base CLIP a training method adapts on), and the whole composed config (seed, `fast_dev_run`,
+/// `fabric` devices and loggers, `path`).
+pub struct RunContext<'a> {
+    /// The model pool, its checkpoints mapped.
+    pub pool: &'a ModelPool,
+    /// Where hub ids resolve.
+    pub hub: &'a crate::hub::Hub,
+    /// The composed program config.
+    pub program: &'a crate::config::ProgramConfig,
 }
 
 /// What a method may need from the program besides its own config section.
@@ -42,6 +55,8 @@ pub struct Context {
     pub log_dir: Option<String>,
     /// The program's `seed`.
     pub seed: Option<u64>,
+    /// The program's `fast_dev_run`.
+    pub fast_dev_run: bool,
 }
 
 /// A method of this build: the config option that names it, FusionBench's class (the config's
@@ -74,6 +89,11 @@ pub const REGISTRY: &[Entry] = &[
         build: |cfg, _| Ok(Box::new(ties_merging::TiesMerging::from_config(cfg)?)),
     },
     Entry {
+        option: "adamerging/clip",
+        class: "CLIPLayerWiseAdaMergingAlgorithm",
+        build: |cfg, ctx| Ok(Box::new(adamerging::AdaMerging::from_config(cfg, ctx)?)),
+    },
+    Entry {
         option: "analysis/task_vector_cos_similarity",
         class: "TaskVectorCosSimilarity",
         build: |cfg, ctx| {
@@ -94,7 +114,14 @@ pub fn available() -> Vec<String> {
 pub fn build(cfg: &MethodConfig, ctx: &Context) -> Result<Box<dyn Method>> {
     let target = cfg.target.as_deref().unwrap_or("");
     let class = target.rsplit('.').next().unwrap_or("");
-    match REGISTRY.iter().find(|e| e.class == class) {
+    // v0.1 configs (adamerging/clip.yaml) have no `_target_`: FusionBench picks them by `name`;
+    // here by the option that composed them.
+    let found = REGISTRY.iter().find(|e| e.class == class).or_else(|| {
+        cfg.target.is_none().then_some(()).and_then(|_| {
+            REGISTRY.iter().find(|e| Some(e.option) == cfg.option.as_deref())
+        })
+    });
+    match found {
         Some(e) => (e.build)(cfg, ctx),
         None => bail!(
             "method `{}` (_target_: {target}) is not available in this build (available: {})",
@@ -112,17 +139,18 @@ mod tests {
     #[test]
     fn every_method_has_its_config_and_class() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/method");
-        assert_eq!(REGISTRY.len(), 5);
+        assert_eq!(REGISTRY.len(), 6);
         for e in REGISTRY {
             let path = dir.join(format!("{}.yaml", e.option));
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
-            let target = text
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("_target_:"))
-                .unwrap_or_else(|| panic!("{} has no _target_", path.display()))
-                .trim();
-            assert_eq!(target.rsplit('.').next(), Some(e.class), "{}", path.display());
+            match text.lines().find_map(|l| l.trim().strip_prefix("_target_:")) {
+                Some(target) => {
+                    assert_eq!(target.trim().rsplit('.').next(), Some(e.class), "{}", path.display())
+                }
+                // A v0.1 config, chosen by its option (and its `name`).
+                None => assert!(text.lines().any(|l| l.starts_with("name:")), "{}", path.display()),
+            }
         }
         let cfg = MethodConfig {
             option: Some("nope".into()),

@@ -2,14 +2,15 @@
 //! pool's fine-tuned models in config order, summed left to right in float32, then divided by T.
 //! The pretrained model is not used. Streams one tensor name at a time.
 
-use super::{Merged, Method, ModelPool};
+use super::{Merged, Method, RunContext};
 use anyhow::{bail, Result};
 
 /// Element-wise mean of the fine-tuned models.
 pub struct SimpleAverage;
 
 impl Method for SimpleAverage {
-    fn run(&self, pool: &ModelPool) -> Result<Merged> {
+    fn run(&self, ctx: &RunContext<'_>) -> Result<Merged> {
+        let pool = ctx.pool;
         let models = pool.task_models()?;
         if models.is_empty() {
             bail!("simple_average: the model pool has no models besides `_pretrained_`");

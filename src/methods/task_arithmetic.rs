@@ -8,7 +8,7 @@
 
 use super::pool::{non_finite_error, output_tensor, output_values};
 use super::simd::{prefetch, widest_simd, PREFETCH_AHEAD};
-use super::{Merged, Method, ModelPool};
+use super::{Merged, Method, RunContext};
 use crate::config::MethodConfig;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
@@ -39,7 +39,8 @@ impl TaskArithmetic {
 }
 
 impl Method for TaskArithmetic {
-    fn run(&self, pool: &ModelPool) -> Result<Merged> {
+    fn run(&self, ctx: &RunContext<'_>) -> Result<Merged> {
+        let pool = ctx.pool;
         let base = pool.pretrained()?;
         let models = pool.task_models()?;
         if models.is_empty() {

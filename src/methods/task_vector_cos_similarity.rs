@@ -20,7 +20,7 @@
 //! an unseeded NumPy draw; here the draw is seeded from the program's `seed` (0 when unset), so
 //! values differ from FusionBench's, whose draw cannot be replayed.
 
-use super::{Checkpoint, Context as MethodContext, Merged, Method, ModelPool};
+use super::{Checkpoint, Context as MethodContext, Merged, Method, ModelPool, RunContext};
 use crate::config::MethodConfig;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -86,7 +86,8 @@ impl TaskVectorCosSimilarity {
 }
 
 impl Method for TaskVectorCosSimilarity {
-    fn run(&self, pool: &ModelPool) -> Result<Merged> {
+    fn run(&self, ctx: &RunContext<'_>) -> Result<Merged> {
+        let pool = ctx.pool;
         let _guard = tch::no_grad_guard();
         let base = pool.pretrained()?;
         let models = pool.task_models()?;

@@ -66,7 +66,7 @@ pub fn eval_plan(cfg: &ProgramConfig) -> Result<Option<EvalPlan>> {
 
 /// The decoded-image cache under `path.cache_dir/images`, capped at
 /// `FUSION_BENCH_IMAGE_CACHE_GB` GiB (default 4; 0 disables it).
-fn crop_cache(cfg: &ProgramConfig) -> Result<Option<CropCache>> {
+pub fn crop_cache(cfg: &ProgramConfig) -> Result<Option<CropCache>> {
     let gb: f64 = match std::env::var("FUSION_BENCH_IMAGE_CACHE_GB") {
         Ok(v) => v
             .trim()
@@ -101,7 +101,11 @@ pub fn prefetch(_: &ProgramConfig) -> Result<()> {
 /// coordinator of a cluster). Returns the report when this process wrote one.
 pub fn run_config(cfg: &ProgramConfig, launch: &Launch) -> Result<Option<serde_json::Value>> {
     let hub = Hub::default();
-    let ctx = methods::Context { log_dir: cfg.path.log_dir.clone(), seed: cfg.seed };
+    let ctx = methods::Context {
+                log_dir: cfg.path.log_dir.clone(),
+                seed: cfg.seed,
+                fast_dev_run: cfg.fast_dev_run,
+            };
     let method = methods::build(&cfg.method, &ctx)?;
     let mut pool = ModelPool::from_config(&cfg.modelpool, &hub)?;
     let Some(plan) = eval_plan(cfg)? else {
@@ -111,7 +115,7 @@ pub fn run_config(cfg: &ProgramConfig, launch: &Launch) -> Result<Option<serde_j
             pool.stream_merged_to(&dir.join("model.safetensors"));
         }
         let t0 = std::time::Instant::now();
-        method.run(&pool)?;
+        method.run(&methods::RunContext { pool: &pool, hub: &hub, program: cfg })?;
         tracing::info!(seconds = t0.elapsed().as_secs_f64(), "method done");
         match &save_to {
             Some(dir) => {
@@ -123,7 +127,7 @@ pub fn run_config(cfg: &ProgramConfig, launch: &Launch) -> Result<Option<serde_j
         return Ok(None);
     };
     let t0 = std::time::Instant::now();
-    let merged = method.run(&pool)?;
+    let merged = method.run(&methods::RunContext { pool: &pool, hub: &hub, program: cfg })?;
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), "method done");
     tracing::info!(cache = %hub.cache().display(), model = %plan.model, base = %plan.base_model, "evaluating");
     if let Some(addr) = launch.join {

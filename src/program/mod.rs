@@ -9,7 +9,7 @@
 mod from_config;
 pub mod work;
 
-pub use from_config::{eval_plan, prefetch, run_config};
+pub use from_config::{crop_cache, eval_plan, prefetch, run_config};
 
 use crate::data::cache::CropCache;
 use crate::device::{Accelerator, Devices};

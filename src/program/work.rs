@@ -8,12 +8,13 @@
 //! computed what, and whatever was recomputed after a worker was lost.
 
 use super::EvalPlan;
-use crate::data::cache::{CachedCrops, CropWriter};
+use crate::data::cache::CropWriter;
 use crate::data::preprocess::normalize_batch;
 use crate::data::{ImageDataset, ImageProcessorConfig};
-use crate::hub::{Hub, RepoType};
-use crate::models::clip::{ClipModel, ClipTokenizer, ClipVision};
-use crate::tasks::{self, metrics::TaskMetrics, zeroshot};
+use crate::hub::Hub;
+use crate::models::clip::{ClipModel, ClipVision};
+use crate::tasks::set::{Task, TaskSet, TaskSetSpec};
+use crate::tasks::{metrics::TaskMetrics, zeroshot};
 use anyhow::{Context, Result};
 use fusion_cluster::runtime::{Prefetcher, Shard, ShardLoader, ShardOptions};
 use serde::{Deserialize, Serialize};
@@ -40,14 +41,6 @@ pub struct BatchResult {
     pub size: u64,
     /// Mean loss over the batch.
     pub loss: f32,
-}
-
-/// One task, loaded: its dataset, zero-shot head and, when enabled, its decoded-image cache.
-struct Task {
-    name: String,
-    data: Arc<ImageDataset>,
-    head: Tensor,
-    cached: Option<Arc<CachedCrops>>,
 }
 
 /// A task's batches as a dataset-shard actor loads them: decoded, resized, cropped u8 images.
@@ -143,46 +136,21 @@ impl Evaluator {
     /// Loads the base model, tokenizer, processor, every task's dataset (labels checked) and its
     /// zero-shot head, for evaluating `vision` on `device`.
     pub fn new(plan: &EvalPlan, hub: &Hub, vision: ClipVision, device: Device) -> Result<Self> {
-        let base_dir = hub.resolve(&plan.base_model, RepoType::Model, None)?;
-        let base = ClipModel::load(&base_dir, device)
-            .with_context(|| format!("loading the task pool's base model `{}`", plan.base_model))?;
-        let tokenizer = ClipTokenizer::from_dir(&base_dir)
-            .with_context(|| format!("loading the tokenizer of {}", plan.base_model))?;
-        let proc_dir = hub.resolve(&plan.processor, RepoType::Model, None)?;
-        let processor =
-            ImageProcessorConfig::from_file(&proc_dir.join("preprocessor_config.json"))?;
-        if !processor.do_center_crop {
-            anyhow::bail!(
-                "the processor of {} has do_center_crop=false; batches need one image size",
-                plan.processor
-            );
-        }
-        let mut tasks = Vec::new();
-        let mut writers = Vec::new();
-        for (name, ds) in &plan.tasks {
-            let spec = tasks::task(name)?;
-            let head = zeroshot::cached_zeroshot_head(
-                plan.cache_dir.as_deref(),
-                &base_dir,
-                &base,
-                &tokenizer,
-                name,
-                spec,
-            );
-            let dir = hub.resolve_dataset(&ds.id)?;
-            let data = ImageDataset::load(&dir, ds.config.as_deref(), &ds.split, processor.clone())
-                .with_context(|| {
-                    format!("task `{name}`: opening dataset {} split {}", ds.id, ds.split)
-                })?;
-            check_labels(name, &data, spec.classnames.len())?;
-            let cached = plan.crop_cache.as_ref().and_then(|c| c.open(&data)).map(Arc::new);
-            let writer = match (&cached, plan.fast_dev_run) {
-                (None, false) => plan.crop_cache.as_ref().and_then(|c| c.writer(&data)),
+        let spec = TaskSetSpec {
+            base_model: &plan.base_model,
+            processor: &plan.processor,
+            tasks: &plan.tasks,
+            cache_dir: plan.cache_dir.as_deref(),
+            crop_cache: plan.crop_cache.as_ref(),
+        };
+        let TaskSet { base, base_dir, processor, tasks, .. } = TaskSet::load(&spec, hub, device)?;
+        let writers = tasks
+            .iter()
+            .map(|t| match (&t.cached, plan.fast_dev_run) {
+                (None, false) => plan.crop_cache.as_ref().and_then(|c| c.writer(&t.data)),
                 _ => None,
-            };
-            writers.push(writer);
-            tasks.push(Task { name: name.clone(), data: Arc::new(data), head, cached });
-        }
+            })
+            .collect();
         let shards = Arc::new(Shards {
             batch_size: plan.batch_size.max(1),
             tasks: tasks
@@ -402,17 +370,4 @@ pub fn fold_metrics(
         }
     }
     metrics
-}
-
-/// Every label must index a class of the task, or accuracy would silently be wrong.
-fn check_labels(task: &str, data: &ImageDataset, classes: usize) -> Result<()> {
-    if let Some(i) = data.labels().iter().position(|&l| l < 0 || l as usize >= classes) {
-        let (file, row) =
-            data.origin(i).map(|(f, r)| (f.display().to_string(), r)).unwrap_or_default();
-        anyhow::bail!(
-            "task `{task}`: label {} at row {row} of {file} is out of range (the task has {classes} classes)",
-            data.labels()[i]
-        );
-    }
-    Ok(())
 }

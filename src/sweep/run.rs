@@ -207,12 +207,16 @@ impl CellExecutor {
         if self.merged.as_ref().map(|m| m.cell) != Some(index) {
             self.merged = None;
             let cfg = &k.cfg;
-            let ctx = methods::Context { log_dir: cfg.path.log_dir.clone(), seed: cfg.seed };
+            let ctx = methods::Context {
+                log_dir: cfg.path.log_dir.clone(),
+                seed: cfg.seed,
+                fast_dev_run: cfg.fast_dev_run,
+            };
             let method = methods::build(&cfg.method, &ctx)?;
             let pool = ModelPool::from_config(&cfg.modelpool, &self.hub)?;
             let plan = eval_plan(cfg)?.context("a cell without a task pool is never shared out")?;
             let t0 = std::time::Instant::now();
-            let merged = method.run(&pool)?;
+            let merged = method.run(&methods::RunContext { pool: &pool, hub: &self.hub, program: cfg })?;
             tracing::info!(cell = index, seconds = t0.elapsed().as_secs_f64(), "method done");
             let evaluator = program::PartEvaluator::new(&plan, &self.hub, &pool, &merged)?;
             self.merged = Some(MergedCell { cell: index, evaluator });

@@ -3,6 +3,7 @@
 //! `scripts/fixtures/extract_tasks.py`), zero-shot heads and evaluation metrics.
 
 pub mod metrics;
+pub mod set;
 pub mod zeroshot;
 
 use serde::Deserialize;

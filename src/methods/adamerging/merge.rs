@@ -1,0 +1,202 @@
+//! θ(λ) and its gradient with respect to λ, reading the checkpoints in place from their mapped
+//! files (no dense task-vector copies, as FusionBench's wrappers keep).
+//!
+//! FusionBench's `TaskWiseMergedModel` / `LayerWiseMergedModel.merge_weights` computes, per
+//! parameter tensor `p` (index `j` in `named_parameters()` order), in float32 and model order:
+//! `θ[p] = (((θ₀[p] + τ₁[p]·w₁) + τ₂[p]·w₂) + …)` with `τᵢ = θᵢ − θ₀` and `wᵢ = λᵢ` (task-wise) or
+//! `λᵢⱼ` (layer-wise), `λ` clamped to `[0, 1]` first when `clamp_weights`. [`merge`] does the same
+//! float32 operations element by element, so θ(λ) is bit-identical to FusionBench's.
+//!
+//! Since `∂θ[p]/∂λᵢⱼ = τᵢ[p]`, the gradient of a loss `L` is `∂L/∂λᵢⱼ = Σₖ gₖ τᵢ[p]ₖ` with
+//! `g = ∂L/∂θ[p]` ([`project`], accumulated in float64; task-wise sums over `j`), and zero where
+//! the clamp is inactive (`clamp`'s backward).
+
+use crate::methods::{Checkpoint, ModelPool};
+use crate::weights::WeightMap;
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+/// Task-wise (`[T]`) or layer-wise (`[T, P]`) merging coefficients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Granularity {
+    /// One λ per task (`clip_task_wise_adamerging`).
+    TaskWise,
+    /// One λ per task and parameter tensor (`clip_layer_wise_adamerging`).
+    LayerWise,
+}
+
+impl Granularity {
+    /// λ's shape for `tasks` models of `params` parameter tensors.
+    pub fn shape(self, tasks: usize, params: usize) -> Vec<usize> {
+        match self {
+            Self::TaskWise => vec![tasks],
+            Self::LayerWise => vec![tasks, params],
+        }
+    }
+}
+
+/// The inputs of a merge: θ₀ and the task models, opened (mapped) once.
+pub struct Inputs {
+    /// `_pretrained_`.
+    pub base: Checkpoint,
+    /// The fine-tuned models, in pool order.
+    pub models: Vec<Checkpoint>,
+    /// Parameter names in `named_parameters()` order.
+    pub names: Vec<String>,
+    /// Their shapes.
+    pub shapes: Vec<Vec<i64>>,
+}
+
+impl Inputs {
+    /// Opens the pool's pretrained and task models.
+    pub fn open(pool: &ModelPool) -> Result<Self> {
+        let base = pool.pretrained()?;
+        let models = pool.task_models()?;
+        if models.is_empty() {
+            bail!("adamerging: the model pool has no fine-tuned models");
+        }
+        let names = pool.parameter_names().to_vec();
+        let shapes = names.iter().map(|n| pool.shape(n).to_vec()).collect();
+        Ok(Self { base, models, names, shapes })
+    }
+
+    /// Number of task models.
+    pub fn tasks(&self) -> usize {
+        self.models.len()
+    }
+
+    /// Number of parameter tensors.
+    pub fn params(&self) -> usize {
+        self.names.len()
+    }
+}
+
+/// The coefficient each model `i` gets on tensor `j`, clamped if asked.
+fn weight(lambda: &[f32], g: Granularity, params: usize, i: usize, j: usize, clamp: bool) -> f32 {
+    let w = match g {
+        Granularity::TaskWise => lambda[i],
+        Granularity::LayerWise => lambda[i * params + j],
+    };
+    if clamp {
+        w.clamp(0.0, 1.0)
+    } else {
+        w
+    }
+}
+
+const CHUNK: usize = 1 << 14;
+
+/// θ(λ) in FusionBench's float32 order, as a map of fresh CPU tensors in `named_parameters()`
+/// order.
+pub fn merge(inputs: &Inputs, lambda: &[f32], g: Granularity, clamp: bool) -> Result<WeightMap> {
+    let _guard = tch::no_grad_guard();
+    let params = inputs.params();
+    let mut out = WeightMap::new();
+    for (j, (name, shape)) in inputs.names.iter().zip(&inputs.shapes).enumerate() {
+        let base = inputs.base.values(name)?;
+        let thetas = inputs.models.iter().map(|m| m.values(name)).collect::<Result<Vec<_>>>()?;
+        let ws: Vec<f32> =
+            (0..inputs.tasks()).map(|i| weight(lambda, g, params, i, j, clamp)).collect();
+        let mut t = crate::methods::pool::output_tensor(shape);
+        let values = crate::methods::pool::output_values(&mut t);
+        values.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let at = c * CHUNK;
+            let b = &base[at..at + out.len()];
+            out.copy_from_slice(b);
+            for (theta, &w) in thetas.iter().zip(&ws) {
+                let x = &theta[at..at + out.len()];
+                for ((o, &x), &b) in out.iter_mut().zip(x).zip(b) {
+                    // state_dict[name] + param * w, param = θᵢ − θ₀: three float32 roundings.
+                    *o += (x - b) * w;
+                }
+            }
+        });
+        if let Some((at, _)) = crate::weights::non_finite(&t) {
+            bail!("adamerging: merged tensor `{name}` is not finite at flat index {at} (λ too large?)");
+        }
+        out.insert(name.clone(), t);
+    }
+    Ok(out)
+}
+
+/// `∂L/∂λ` (λ's shape, flattened) from `∂L/∂θ` (`grads[j]` for tensor `j`, flattened float32).
+pub fn project(
+    inputs: &Inputs,
+    grads: &[Vec<f32>],
+    lambda: &[f32],
+    g: Granularity,
+    clamp: bool,
+) -> Result<Vec<f32>> {
+    let (tasks, params) = (inputs.tasks(), inputs.params());
+    // dots[i][j] = Σₖ gₖ (θᵢ − θ₀)ₖ over tensor j, in float64.
+    let mut dots = vec![vec![0f64; params]; tasks];
+    for (j, name) in inputs.names.iter().enumerate() {
+        let base = inputs.base.values(name)?;
+        let grad = &grads[j];
+        if grad.len() != base.len() {
+            bail!("gradient of `{name}` has {} values, the tensor {}", grad.len(), base.len());
+        }
+        for (i, m) in inputs.models.iter().enumerate() {
+            let theta = m.values(name)?;
+            dots[i][j] = grad
+                .par_chunks(CHUNK)
+                .enumerate()
+                .map(|(c, gs)| {
+                    let at = c * CHUNK;
+                    let (x, b) = (&theta[at..at + gs.len()], &base[at..at + gs.len()]);
+                    let mut acc = 0f64;
+                    for ((&gk, &x), &b) in gs.iter().zip(x).zip(b) {
+                        acc += ((x - b) as f64) * gk as f64;
+                    }
+                    acc
+                })
+                .collect::<Vec<f64>>()
+                .into_iter()
+                .sum();
+        }
+    }
+    let active = |i: usize, j: usize| {
+        let w = match g {
+            Granularity::TaskWise => lambda[i],
+            Granularity::LayerWise => lambda[i * params + j],
+        };
+        !clamp || (0.0..=1.0).contains(&w)
+    };
+    Ok(match g {
+        Granularity::TaskWise => (0..tasks)
+            .map(|i| if active(i, 0) { dots[i].iter().sum::<f64>() as f32 } else { 0.0 })
+            .collect(),
+        Granularity::LayerWise => (0..tasks)
+            .flat_map(|i| (0..params).map(move |j| (i, j)))
+            .map(|(i, j)| if active(i, j) { dots[i][j] as f32 } else { 0.0 })
+            .collect(),
+    })
+}
+
+/// The flattened float32 values of a CPU tensor.
+pub fn values_of(t: &Tensor) -> Vec<f32> {
+    let t = t.contiguous();
+    let mut v = vec![0f32; t.numel()];
+    if !v.is_empty() {
+        let n = v.len();
+        t.copy_data(&mut v, n);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_follow_the_granularity_and_the_clamp() {
+        let l = [0.5f32, 1.5, -0.2, 0.7, 0.1, 0.9];
+        assert_eq!(weight(&l, Granularity::TaskWise, 3, 1, 2, false), 1.5);
+        assert_eq!(weight(&l, Granularity::TaskWise, 3, 1, 2, true), 1.0);
+        assert_eq!(weight(&l, Granularity::LayerWise, 3, 1, 2, false), 0.9);
+        assert_eq!(weight(&l, Granularity::LayerWise, 3, 0, 2, true), 0.0);
+        assert_eq!(Granularity::LayerWise.shape(8, 55), vec![8, 55]);
+    }
+}

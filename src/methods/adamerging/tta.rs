@@ -1,0 +1,260 @@
+//! AdaMerging's test-time adaptation loop (FusionBench's `test_time_adaptation`): per step, one
+//! shuffled test batch per task under the step's θ(λ), the tasks' λ-gradients summed in task
+//! order, one Adam update; λ, Adam's moments, the step and every loader's state are checkpointed
+//! so that the same command, restarted, resumes where it stopped.
+
+use super::merge::Inputs;
+use super::step::{StepExecutor, StepItem, StepResult};
+use super::AdaMergingConfig;
+use crate::config::ProgramConfig;
+use crate::methods::RunContext;
+use crate::program::DatasetRef;
+use crate::tasks::set::{TaskSet, TaskSetSpec};
+use crate::tta::adam::{Adam, AdamConfig, AdamState};
+use crate::tta::loaders::Loaders;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tch::Tensor;
+
+/// The log directory of a training run, as FusionBench's TensorBoard logger makes it:
+/// `fabric.loggers.root_dir/name/version_N` (root `path.log_dir`, `N` the next free version
+/// unless `fabric.loggers.version` names one).
+pub fn log_dir(program: &ProgramConfig) -> PathBuf {
+    let l = &program.fabric.loggers;
+    let root = l
+        .root_dir
+        .clone()
+        .or_else(|| program.path.log_dir.clone())
+        .unwrap_or_else(|| "outputs/logs".into());
+    let mut dir = PathBuf::from(root);
+    if let Some(name) = l.name.as_deref().filter(|n| !n.is_empty()) {
+        dir.push(name);
+    }
+    match l.version.as_deref().filter(|v| !v.is_empty()) {
+        Some(v) if v.parse::<u64>().is_ok() => dir.join(format!("version_{v}")),
+        Some(v) => dir.join(v),
+        None => {
+            let mut n = 0;
+            while dir.join(format!("version_{n}")).exists() {
+                n += 1;
+            }
+            dir.join(format!("version_{n}"))
+        }
+    }
+}
+
+/// What a checkpoint of the loop holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    /// What run this is (config and inputs); a checkpoint of another run is refused.
+    run: String,
+    step: u64,
+    lambda: Vec<f32>,
+    adam: AdamState,
+    loaders: Loaders,
+    seed: u64,
+}
+
+/// The seed of the shuffles: the program's `seed`, else a fresh one (logged, so the run can be
+/// repeated).
+fn seed_of(program: &ProgramConfig) -> u64 {
+    program.seed.unwrap_or_else(|| {
+        let s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64 ^ (std::process::id() as u64) << 32)
+            .unwrap_or(0)
+            % (1 << 31);
+        tracing::info!(seed = s, "no `seed` given: shuffling with a fresh one (pass seed={s} to repeat this run)");
+        s
+    })
+}
+
+/// The task set AdaMerging adapts on: the pool's `test_datasets` in model order, heads from
+/// `_pretrained_`, FusionBench's `CLIPClassificationMixin`.
+fn task_set(ctx: &RunContext<'_>, inputs: &Inputs) -> Result<TaskSet> {
+    let mp = &ctx.program.modelpool;
+    let base = mp
+        .models
+        .iter()
+        .find(|(n, _)| n == "_pretrained_")
+        .map(|(_, m)| m.path.clone())
+        .context("adamerging needs modelpool.models._pretrained_")?;
+    let processor = mp.processor.as_ref().map(|p| p.path.clone()).unwrap_or_else(|| base.clone());
+    let tests = mp.test_datasets.as_deref().unwrap_or(&[]);
+    let mut tasks = Vec::new();
+    for m in &inputs.models {
+        let (_, d) = tests.iter().find(|(n, _)| n == m.name()).with_context(|| {
+            format!(
+                "adamerging adapts on each model's test split, and modelpool.test_datasets has no `{}` (it has: {})",
+                m.name(),
+                tests.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        tasks.push((
+            m.name().to_string(),
+            DatasetRef { id: d.path.clone(), config: d.name.clone(), split: d.split.clone() },
+        ));
+    }
+    let cache_dir = ctx.program.path.cache_dir.as_ref().map(PathBuf::from);
+    let crop_cache = crate::program::crop_cache(ctx.program)?;
+    let spec = TaskSetSpec {
+        base_model: &base,
+        processor: &processor,
+        tasks: &tasks,
+        cache_dir: cache_dir.as_deref(),
+        crop_cache: crop_cache.as_ref(),
+    };
+    let mut set = TaskSet::load(&spec, ctx.hub, tch::Device::Cpu)?;
+    for t in &set.tasks {
+        if t.data.is_empty() {
+            bail!("task `{}`: its test split is empty, and adamerging adapts on it", t.name);
+        }
+    }
+    if let Some(cache) = &crop_cache {
+        set.fill_crop_cache(cache)?;
+    }
+    Ok(set)
+}
+
+/// A fingerprint of what determines the trajectory: λ's shape and start, the optimiser, the
+/// batches (seed, sizes) and the models and datasets by path.
+fn run_key(c: &AdaMergingConfig, set: &TaskSet, program: &ProgramConfig, seed: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(format!(
+        "{:?}|{}|{}|{}|{}|{}|{}",
+        c.granularity,
+        c.lr,
+        c.init_values,
+        c.clamp_weights,
+        c.batch_size,
+        seed,
+        crate::version::NUMERICS_VERSION
+    ));
+    for (name, m) in &program.modelpool.models {
+        h.update(format!("{name}={}|", m.path));
+    }
+    for t in &set.tasks {
+        h.update(format!("{}|{}|{:x}", t.name, t.data.len(), t.data.fingerprint()));
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs the adaptation and returns the final λ (flattened).
+pub fn adapt(
+    c: &AdaMergingConfig,
+    inputs: &Arc<Inputs>,
+    ctx: &RunContext<'_>,
+    log_dir: &Path,
+) -> Result<Vec<f32>> {
+    let set = task_set(ctx, inputs)?;
+    let seed = seed_of(ctx.program);
+    let shape = c.granularity.shape(inputs.tasks(), inputs.params());
+    let shape_i64: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    let lens: Vec<usize> = set.tasks.iter().map(|t| t.data.len()).collect();
+    let key = run_key(c, &set, ctx.program, seed);
+    let state_file = ctx
+        .program
+        .path
+        .cache_dir
+        .as_ref()
+        .map(|d| PathBuf::from(d).join("tta").join(format!("adamerging-{}.json", &key[..32])));
+    let adam_cfg = AdamConfig::with_lr(c.lr);
+    let fresh = || {
+        let n: usize = shape.iter().product();
+        (0u64, vec![c.init_values; n], Adam::new(adam_cfg, &shape_i64), Loaders::new(seed, &lens, c.batch_size))
+    };
+    let (mut step, mut lambda, mut adam, mut loaders) = match state_file.as_deref().map(read_state) {
+        Some(Ok(Some(s))) if s.run == key => match Adam::restore(adam_cfg, &shape_i64, &s.adam) {
+            Some(adam) => {
+                tracing::info!(step = s.step, file = ?state_file, "resuming test-time adaptation from its checkpoint");
+                (s.step, s.lambda, adam, s.loaders)
+            }
+            None => fresh(),
+        },
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "ignoring an unreadable test-time adaptation checkpoint");
+            fresh()
+        }
+        _ => fresh(),
+    };
+    let names = set.names();
+    let mut executor =
+        StepExecutor::new(inputs.clone(), set, ctx.pool.config().clone(), c.granularity, c.clamp_weights);
+    let bar = crate::progress::bar("adamerging", c.max_steps as usize, "steps");
+    bar.inc(step);
+    let every_steps = c.checkpoint_every_steps;
+    let every = std::time::Duration::from_secs_f64(c.checkpoint_every_seconds);
+    let mut last_save = std::time::Instant::now();
+    let mut param = Tensor::from_slice(&lambda).view(shape_i64.as_slice());
+    let stop = crate::sweep::stop_on_signals()?;
+    tracing::info!(tasks = ?names, shape = ?shape, steps = c.max_steps, batch_size = c.batch_size, seed, log_dir = %log_dir.display(), "test-time adaptation");
+    while step < c.max_steps {
+        let items: Vec<StepItem> = (0..names.len())
+            .map(|t| StepItem {
+                step,
+                task: t as u32,
+                indices: loaders.next_batch(t).indices.iter().map(|&i| i as u32).collect(),
+                lambda: lambda.clone(),
+            })
+            .collect();
+        let results: Vec<StepResult> =
+            items.iter().map(|it| executor.run(it)).collect::<Result<_>>()?;
+        // λ.grad accumulates the tasks' gradients in task order (float32), as backward() does.
+        let mut grad = results[0].grad.clone();
+        for r in &results[1..] {
+            for (g, x) in grad.iter_mut().zip(&r.grad) {
+                *g += x;
+            }
+        }
+        adam.step(&mut param, &Tensor::from_slice(&grad).view(shape_i64.as_slice()));
+        lambda = super::merge::values_of(&param);
+        step += 1;
+        let loss = results.last().map_or(0.0, |r| r.loss);
+        let (lo, hi) = lambda.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let mean = lambda.iter().map(|&v| v as f64).sum::<f64>() / lambda.len() as f64;
+        bar.set_message(format!("loss {loss:.4} λ [{lo:.4}, {hi:.4}]"));
+        bar.inc(1);
+        tracing::debug!(step, loss, weight_min = lo, weight_max = hi, weight_mean = mean, "step");
+        let due = step % every_steps == 0 || last_save.elapsed() >= every || step == c.max_steps;
+        let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
+        if let (Some(file), true) = (&state_file, due || stopping) {
+            let state = State {
+                run: key.clone(),
+                step,
+                lambda: lambda.clone(),
+                adam: adam.state(),
+                loaders: loaders.clone(),
+                seed,
+            };
+            write_state(file, &state)?;
+            last_save = std::time::Instant::now();
+        }
+        if stopping {
+            bar.finish_and_clear();
+            tracing::warn!(step, of = c.max_steps, checkpoint = ?state_file, "signal received: checkpointed; the same command resumes from here");
+            std::process::exit(143);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(lambda)
+}
+
+fn read_state(path: &Path) -> Result<Option<State>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn write_state(path: &Path, state: &State) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    crate::report::write_atomic(path, &serde_json::to_vec(state)?)
+}

@@ -1,0 +1,9 @@
+//! Test-time adaptation (TTA), the parts every training method of FusionBench's CLIP recipes
+//! shares (AdaMerging now; WE-MoE and Concrete next): its objective ([`entropy`]), its optimiser
+//! ([`adam`], bit for bit torch's), and its data ([`loaders`]: each task's shuffled, endless
+//! test loader, replaying FusionBench's batches from libtorch's generator, [`torch_rng`]).
+
+pub mod adam;
+pub mod entropy;
+pub mod loaders;
+pub mod torch_rng;

@@ -1,0 +1,163 @@
+//! End to end: the seed's AdaMerging command lines (task-wise and layer-wise, saving the merging
+//! weights, then `method.weights=` skipping the adaptation) on the bundled fixtures, a few steps
+//! each; the saved files read by Python's `torch.load(weights_only=True)`; and a run stopped by
+//! SIGTERM or killed with SIGKILL, restarted, ending at the uninterrupted run's λ bit for bit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn command(cwd: &Path, args: &[String]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fusion_bench"));
+    c.args(args)
+        .env("HF_HOME", root().join("tests/fixtures/hf_home"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HUGGINGFACE_HUB_CACHE")
+        .env("RUST_LOG", "warn")
+        .current_dir(cwd);
+    c
+}
+
+fn run(cwd: &Path, args: &[String]) -> Output {
+    let out = command(cwd, args).output().expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "fusion_bench {}: {}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn args(line: &str, extra: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = line.split_whitespace().map(String::from).collect();
+    v.extend(extra.iter().cloned());
+    v
+}
+
+/// Shape, dtype and float32 bit patterns of a `.pt` file as Python's torch reads it.
+fn torch_load(path: &Path) -> (Vec<usize>, String, Vec<u32>) {
+    let script = format!(
+        "import torch\nt = torch.load({:?}, weights_only=True)\nprint(list(t.shape)); print(t.dtype); print(' '.join(str(v & 0xffffffff) for v in t.detach().contiguous().view(torch.int32).flatten().tolist()))",
+        path.display().to_string()
+    );
+    let out = Command::new("python")
+        .args(["-c", &script])
+        .output()
+        .expect("`python` with torch must be on PATH: `source scripts/env.sh` first");
+    assert!(out.status.success(), "torch.load: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines();
+    let shape = lines.next().unwrap().trim_matches(|c| c == '[' || c == ']').to_string();
+    let shape = shape.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
+    let dtype = lines.next().unwrap().to_string();
+    let bits = lines.next().unwrap_or("").split_whitespace().map(|v| v.parse().unwrap()).collect();
+    (shape, dtype, bits)
+}
+
+fn common(dir: &Path) -> Vec<String> {
+    vec![
+        "fabric.accelerator=cpu".into(),
+        "print_config=false".into(),
+        "seed=42".into(),
+        format!("path.cache_dir={}", dir.join("cache").display()),
+        format!("path.log_dir={}", dir.join("logs").display()),
+    ]
+}
+
+const TASK_WISE: &str = "method=adamerging method.name=clip_task_wise_adamerging method.save_merging_weights=outputs/clip-vit-base-patch32_TA8_task_wise_adamerging_weights.pt modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8 taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8";
+const LAYER_WISE: &str = "method=adamerging method.name=clip_layer_wise_adamerging method.save_merging_weights=merging_weights.pt modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8 taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8 fabric.loggers.root_dir=outputs/logs/ViT-B-32 fabric.loggers.name=clip_layer_wise_adamerging_adam";
+
+#[test]
+fn task_wise_saves_weights_torch_reads_and_method_weights_reproduces_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut extra = common(dir.path());
+    extra.push("method.max_steps=3".into());
+    extra.push(format!("report_save_path={}", dir.path().join("trained.json").display()));
+    run(dir.path(), &args(TASK_WISE, &extra));
+    let saved = dir.path().join("outputs/clip-vit-base-patch32_TA8_task_wise_adamerging_weights.pt");
+    let (shape, dtype, bits) = torch_load(&saved);
+    assert_eq!((shape, dtype.as_str()), (vec![8], "torch.float32"));
+    let lambda: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+    assert!(lambda.iter().all(|&l| l != 0.3 && (l - 0.3).abs() < 0.01), "3 Adam steps of lr 1e-3 from 0.3: {lambda:?}");
+    // The second stage of the seed's recipe: the saved weights, no adaptation.
+    let line = TASK_WISE.replace(
+        "method.save_merging_weights=outputs/clip-vit-base-patch32_TA8_task_wise_adamerging_weights.pt",
+        &format!("method.weights={}", saved.display()),
+    );
+    let mut extra = common(dir.path());
+    extra.push(format!("report_save_path={}", dir.path().join("reused.json").display()));
+    run(dir.path(), &args(&line, &extra));
+    let a = std::fs::read_to_string(dir.path().join("trained.json")).unwrap();
+    let b = std::fs::read_to_string(dir.path().join("reused.json")).unwrap();
+    assert_eq!(a, b, "the report of the learned weights, reloaded");
+    assert!(a.contains("\"trainable_params\": 0"), "{a}");
+}
+
+#[test]
+fn layer_wise_writes_under_the_loggers_log_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut extra = common(dir.path());
+    extra.push("method.max_steps=2".into());
+    extra.push("taskpool=dummy".into());
+    run(dir.path(), &args(LAYER_WISE, &extra));
+    let saved =
+        dir.path().join("outputs/logs/ViT-B-32/clip_layer_wise_adamerging_adam/version_0/merging_weights.pt");
+    let (shape, dtype, _) = torch_load(&saved);
+    assert_eq!((shape, dtype.as_str()), (vec![8, 55], "torch.float32"), "3 layers: 5 + 3·16 + 2 tensors");
+}
+
+/// λ after `steps` steps of the layer-wise run, saved to `out`.
+fn layer_wise(dir: &Path, steps: u64, out: &str, extra: &[&str]) -> Command {
+    let mut a = common(dir);
+    a.push(format!("method.max_steps={steps}"));
+    a.push("taskpool=dummy".into());
+    a.push("+method.checkpoint_every_steps=1".into());
+    a.extend(extra.iter().map(|s| s.to_string()));
+    let line = LAYER_WISE.replace("method.save_merging_weights=merging_weights.pt", &format!("method.save_merging_weights=/{}", dir.join(out).display().to_string().trim_start_matches('/')));
+    command(dir, &args(&line, &a))
+}
+
+#[test]
+fn a_killed_or_stopped_run_resumes_to_the_same_lambda() {
+    let steps = 100;
+    let reference = tempfile::tempdir().unwrap();
+    let out = layer_wise(reference.path(), steps, "full.pt", &[]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, _, full) = torch_load(&reference.path().join("full.pt"));
+
+    for signal in ["TERM", "KILL"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = layer_wise(dir.path(), steps, "resumed.pt", &[]).spawn().unwrap();
+        // Wait for a checkpoint past step 1, then stop the run.
+        let state_dir = dir.path().join("cache/tta");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            let step = std::fs::read_dir(&state_dir).ok().and_then(|mut d| d.next()).and_then(|e| {
+                let text = std::fs::read_to_string(e.ok()?.path()).ok()?;
+                let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+                v["step"].as_u64()
+            });
+            if step.is_some_and(|s| s >= 2) {
+                break;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before it was stopped");
+            assert!(std::time::Instant::now() < deadline, "no checkpoint appeared");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap();
+        let status = child.wait().unwrap();
+        if signal == "TERM" {
+            assert_eq!(status.code(), Some(143), "SIGTERM: checkpoint, then exit 143");
+        }
+        assert!(!dir.path().join("resumed.pt").exists(), "{signal}: stopped before the end");
+        let out = layer_wise(dir.path(), steps, "resumed.pt", &[]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let (_, _, resumed) = torch_load(&dir.path().join("resumed.pt"));
+        assert_eq!(resumed, full, "SIG{signal}, restarted: λ bit-identical to the uninterrupted run");
+    }
+}
