@@ -21,6 +21,11 @@ const GROUP_PREFIXES: &[(&str, &str)] =
 const KEY_RENAMES: &[(&str, &str, &str)] =
     &[("analysis/task_vector_cos_similarity", "save_to_csv", "output_path")];
 
+/// The current name of a `method=` option (`adamerging` → `adamerging/clip`); others unchanged.
+pub fn current_method_option(option: &str) -> &str {
+    METHOD_ALIASES.iter().find(|(a, _)| *a == option).map_or(option, |(_, b)| b)
+}
+
 /// The list of stale names handled, for docs and reports: (stale, current).
 pub fn stale_names() -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = METHOD_ALIASES

@@ -118,7 +118,8 @@ pub fn build(cfg: &MethodConfig, ctx: &Context) -> Result<Box<dyn Method>> {
     // here by the option that composed them.
     let found = REGISTRY.iter().find(|e| e.class == class).or_else(|| {
         cfg.target.is_none().then_some(()).and_then(|_| {
-            REGISTRY.iter().find(|e| Some(e.option) == cfg.option.as_deref())
+            let option = cfg.option.as_deref().map(crate::config::aliases::current_method_option);
+            REGISTRY.iter().find(|e| Some(e.option) == option)
         })
     });
     match found {

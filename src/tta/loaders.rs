@@ -17,6 +17,17 @@
 use super::torch_rng::TorchGenerator;
 use serde::{Deserialize, Serialize};
 
+/// The default generator's 32-bit draws that FusionBench 0.2.33 (with transformers 4.57.6)
+/// takes before AdaMerging's first loader: each `from_pretrained` of a CLIP vision tower runs
+/// `CLIPVisionEmbeddings.__init__`, whose `torch.randn(hidden_size)` class embedding
+/// transformers' `no_init_weights` does not skip — the pretrained model, each of the `models`
+/// fine-tuned ones, and the `CLIPModel` the zero-shot heads come from
+/// (`scripts/fixtures/check_adamerging_rng.py` checks this on FusionBench's recorded runs).
+/// `None` when the hidden size is below 16 (torch's serial path, not modelled).
+pub fn fusionbench_draws_before_tta(models: usize, hidden_size: usize) -> Option<u64> {
+    TorchGenerator::randn_draws(hidden_size as u64).map(|d| (models as u64 + 2) * d)
+}
+
 /// One task's loader: its split size, its batch size and its current pass, if started.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct TaskLoader {
@@ -54,13 +65,17 @@ pub struct Batch {
 }
 
 impl Loaders {
-    /// Loaders over splits of `lens` examples, `batch_size` per batch, after `torch.manual_seed(seed)`.
-    pub fn new(seed: u64, lens: &[usize], batch_size: usize) -> Self {
+    /// Loaders over splits of `lens` examples, `batch_size` per batch, after
+    /// `torch.manual_seed(seed)` and `skip` 32-bit draws taken by what ran before the first
+    /// loader (see [`fusionbench_draws_before_tta`]).
+    pub fn new(seed: u64, skip: u64, lens: &[usize], batch_size: usize) -> Self {
         let tasks = lens
             .iter()
             .map(|&len| TaskLoader { len, batch_size: batch_size.max(1), pass: None, passes: 0 })
             .collect();
-        Self { generator: TorchGenerator::seeded(seed), tasks }
+        let mut generator = TorchGenerator::seeded(seed);
+        generator.advance(skip);
+        Self { generator, tasks }
     }
 
     /// The next batch of task `task` (its loader started, or restarted when exhausted, as torch
@@ -104,7 +119,7 @@ mod tests {
 
     #[test]
     fn batches_cover_each_pass_once_and_reshuffle() {
-        let mut l = Loaders::new(42, &[10, 3], 4);
+        let mut l = Loaders::new(42, 0, &[10, 3], 4);
         let mut seen = Vec::new();
         for _ in 0..3 {
             seen.extend(l.next_batch(0).indices);
@@ -121,7 +136,7 @@ mod tests {
 
     #[test]
     fn a_restored_state_continues_the_same_sequence() {
-        let mut a = Loaders::new(7, &[9, 5, 12], 4);
+        let mut a = Loaders::new(7, 5, &[9, 5, 12], 4);
         for s in 0..5 {
             for t in 0..3 {
                 a.next_batch((t + s) % 3);
@@ -137,7 +152,7 @@ mod tests {
     /// The draw order of the module docs, from libtorch's own default generator.
     #[test]
     fn draws_follow_torchs_default_generator() {
-        let mut l = Loaders::new(42, &[6, 6], 6);
+        let mut l = Loaders::new(42, 0, &[6, 6], 6);
         let mut g = TorchGenerator::seeded(42);
         let first = l.next_batch(0).indices;
         let second = l.next_batch(1).indices;

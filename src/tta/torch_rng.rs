@@ -65,6 +65,20 @@ impl TorchGenerator {
         y
     }
 
+    /// Skips `n` 32-bit outputs.
+    pub fn advance(&mut self, n: u64) {
+        for _ in 0..n {
+            self.random();
+        }
+    }
+
+    /// How many 32-bit outputs `torch.randn(n)` takes on the CPU (its vectorised path for
+    /// `n ≥ 16`: 16 at a time, the last block recomputed when `n` is not a multiple of 16);
+    /// `None` for `n < 16`, whose serial path this module does not model.
+    pub fn randn_draws(n: u64) -> Option<u64> {
+        (n >= 16).then_some(if n % 16 == 0 { n } else { n + 16 })
+    }
+
     /// `CPUGeneratorImpl::random64()`: two outputs, the first in the high half.
     pub fn random64(&mut self) -> u64 {
         let hi = self.random() as u64;
@@ -132,6 +146,21 @@ mod tests {
                 TorchGenerator::seeded(seed).randperm(n).into_iter().map(|v| v as i64).collect();
             assert_eq!(ours, theirs, "seed {seed}, n {n}");
         }
+    }
+
+    #[test]
+    fn randn_draw_counts_match_libtorch() {
+        let _g = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
+        for n in [16u64, 48, 40, 768, 1024, 1000] {
+            tch::manual_seed(42);
+            let _ = Tensor::randn([n as i64], (Kind::Float, Device::Cpu));
+            let mut t = Tensor::empty([], (Kind::Int64, Device::Cpu));
+            let theirs = t.random_().int64_value(&[]);
+            let mut ours = TorchGenerator::seeded(42);
+            ours.advance(TorchGenerator::randn_draws(n).unwrap());
+            assert_eq!(ours.random_int64(), theirs, "randn({n})");
+        }
+        assert_eq!(TorchGenerator::randn_draws(8), None);
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub struct AdaMergingConfig {
     pub checkpoint_every_steps: u64,
     /// `checkpoint_every_seconds` (ours; default 300).
     pub checkpoint_every_seconds: f64,
+    /// `trace_path` (ours; default null): writes every step's batches, losses and λ as JSON in
+    /// the format of FusionBench's recorded traces (`scripts/fixtures/fb_adamerging_hooks.py`),
+    /// which `scripts/fixtures/adamerging_replay.py` replays into FusionBench's own classes.
+    pub trace_path: Option<PathBuf>,
 }
 
 const KEYS: &[&str] = &[
@@ -80,6 +84,7 @@ const KEYS: &[&str] = &[
     "cache_dir",
     "checkpoint_every_steps",
     "checkpoint_every_seconds",
+    "trace_path",
 ];
 
 impl AdaMergingConfig {
@@ -157,6 +162,7 @@ impl AdaMergingConfig {
                 n if n >= 1 => n as u64,
                 n => bail!("method.checkpoint_every_steps must be at least 1, got {n}"),
             },
+            trace_path: s.get::<String>("trace_path")?.filter(|p| !p.is_empty()).map(PathBuf::from),
             checkpoint_every_seconds: match s.get::<f64>("checkpoint_every_seconds")? {
                 Some(x) if !(x > 0.0) => {
                     bail!("method.checkpoint_every_seconds must be positive, got {x}")

@@ -154,6 +154,12 @@ pub fn adapt(
     let shape = c.granularity.shape(inputs.tasks(), inputs.params());
     let shape_i64: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     let lens: Vec<usize> = set.tasks.iter().map(|t| t.data.len()).collect();
+    let hidden = ctx.pool.config().encoder.hidden_size as usize;
+    let skip = crate::tta::loaders::fusionbench_draws_before_tta(inputs.tasks(), hidden)
+        .unwrap_or_else(|| {
+            tracing::warn!(hidden, "hidden size below 16: the shuffles do not replay FusionBench's");
+            0
+        });
     let key = run_key(c, &set, ctx.program, seed);
     let state_file = ctx
         .program
@@ -164,10 +170,12 @@ pub fn adapt(
     let adam_cfg = AdamConfig::with_lr(c.lr);
     let fresh = || {
         let n: usize = shape.iter().product();
-        (0u64, vec![c.init_values; n], Adam::new(adam_cfg, &shape_i64), Loaders::new(seed, &lens, c.batch_size))
+        (0u64, vec![c.init_values; n], Adam::new(adam_cfg, &shape_i64), Loaders::new(seed, skip, &lens, c.batch_size))
     };
     let (mut step, mut lambda, mut adam, mut loaders) = match state_file.as_deref().map(read_state) {
-        Some(Ok(Some(s))) if s.run == key => match Adam::restore(adam_cfg, &shape_i64, &s.adam) {
+        // A checkpoint of this run, at or before the last step asked for (a longer run's
+        // later state would not be this run's result).
+        Some(Ok(Some(s))) if s.run == key && s.step <= c.max_steps => match Adam::restore(adam_cfg, &shape_i64, &s.adam) {
             Some(adam) => {
                 tracing::info!(step = s.step, file = ?state_file, "resuming test-time adaptation from its checkpoint");
                 (s.step, s.lambda, adam, s.loaders)
@@ -190,6 +198,7 @@ pub fn adapt(
     let mut last_save = std::time::Instant::now();
     let mut param = Tensor::from_slice(&lambda).view(shape_i64.as_slice());
     let stop = crate::sweep::stop_on_signals()?;
+    let mut trace = Vec::new();
     tracing::info!(tasks = ?names, shape = ?shape, steps = c.max_steps, batch_size = c.batch_size, seed, log_dir = %log_dir.display(), "test-time adaptation");
     while step < c.max_steps {
         let items: Vec<StepItem> = (0..names.len())
@@ -211,6 +220,16 @@ pub fn adapt(
         }
         adam.step(&mut param, &Tensor::from_slice(&grad).view(shape_i64.as_slice()));
         lambda = super::merge::values_of(&param);
+        if c.trace_path.is_some() {
+            let tasks: Vec<serde_json::Value> = items
+                .iter()
+                .zip(&results)
+                .map(|(it, r)| {
+                    serde_json::json!({"task": names[it.task as usize], "indices": it.indices, "loss": r.loss})
+                })
+                .collect();
+            trace.push(serde_json::json!({"step": step, "tasks": tasks, "lambda": lambda}));
+        }
         step += 1;
         let loss = results.last().map_or(0.0, |r| r.loss);
         let (lo, hi) = lambda.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
@@ -239,6 +258,23 @@ pub fn adapt(
         }
     }
     bar.finish_and_clear();
+    if let Some(path) = &c.trace_path {
+        let doc = serde_json::json!({
+            "format": "fusionbench-adamerging-trace/1",
+            "producer": "fusion_bench (Rust)",
+            "flavour": match c.granularity { super::Granularity::TaskWise => "task_wise", super::Granularity::LayerWise => "layer_wise" },
+            "tasks": names,
+            "lambda_shape": shape,
+            "lambda_init": c.init_values,
+            "seed": seed,
+            "steps": trace,
+            "lambda_final": lambda,
+        });
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        crate::report::write_atomic(path, &serde_json::to_vec(&doc)?)?;
+    }
     Ok(lambda)
 }
 
