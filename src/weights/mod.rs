@@ -7,6 +7,7 @@
 mod safetensors_io;
 mod source;
 mod stream_writer;
+pub mod torch_file;
 
 pub use safetensors_io::{save_safetensors, SafetensorsFile};
 pub use source::{Scope, WeightSource};
