@@ -13,6 +13,7 @@
 
 use std::{
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -67,11 +68,20 @@ const ABORT_PREFIX: &str = "run aborted: ";
 pub(crate) enum PeerMsg {
     /// Coordinator → worker: run this item.
     Assign {
-        /// Item index.
+        /// The item's round.
+        round: u64,
+        /// Item index within its round.
         item: u64,
         /// Its payload.
         payload: Vec<u8>,
     },
+    /// Coordinator → worker: drop the queued items of rounds up to this one.
+    Cancel {
+        /// The last cancelled round.
+        round: u64,
+    },
+    /// Coordinator → worker: a state for the executor.
+    Broadcast(Arc<Vec<u8>>),
     /// Send this last message (`Done` or `Abort`), wait for it to be acknowledged, then stop.
     Finish(Wire),
     /// Time to send a heartbeat to the worker.
@@ -147,19 +157,25 @@ impl Actor for RemoteWorker {
         state: &mut PeerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            PeerMsg::Assign { item, payload } => {
-                match state.sender.send(&Wire::Assign { item, payload }).await {
+            PeerMsg::Assign { round, item, payload } => {
+                match state.sender.send(&Wire::Assign { round, item, payload }).await {
                     Ok(()) => {}
                     // Too large for a frame: no worker could take it, so the item fails (the
                     // connection stays usable).
                     Err(e @ TransportError::Send { .. }) => {
                         let key = state.key;
                         let result = Err(format!("the item cannot be sent to the worker: {e}"));
-                        let msg = CoordinatorMsg::Result { key, item, result };
+                        let msg = CoordinatorMsg::Result { key, round, item, result };
                         let _ = state.coordinator.send_message(msg);
                     }
                     Err(e) => return Err(e.into()),
                 }
+            }
+            PeerMsg::Cancel { round } => state.sender.send(&Wire::Cancel { round }).await?,
+            // `Job::broadcast` checked the size against the frame limit: any error here is the
+            // connection's, and fails this actor (the worker is lost).
+            PeerMsg::Broadcast(blob) => {
+                state.sender.send(&Wire::Broadcast { state: blob.as_ref().clone() }).await?
             }
             PeerMsg::Beat => state.sender.send(&Wire::Heartbeat).await?,
             PeerMsg::Finish(last) => {
@@ -173,10 +189,10 @@ impl Actor for RemoteWorker {
                 }
                 myself.stop(Some("run finished".into()));
             }
-            PeerMsg::Remote(Wire::Result { item, result }) => {
+            PeerMsg::Remote(Wire::Result { round, item, result }) => {
                 let key = state.key;
-                let _ =
-                    state.coordinator.send_message(CoordinatorMsg::Result { key, item, result });
+                let msg = CoordinatorMsg::Result { key, round, item, result };
+                let _ = state.coordinator.send_message(msg);
             }
             PeerMsg::Remote(Wire::Heartbeat) => {
                 let _ =
@@ -201,6 +217,8 @@ impl Actor for RemoteWorker {
 pub(crate) enum LinkMsg {
     /// The local worker finished an item.
     WorkerResult {
+        /// The item's round.
+        round: u64,
         /// Item index.
         item: u64,
         /// The executor's outcome.
@@ -338,10 +356,21 @@ impl Actor for Link {
             LinkMsg::Remote(wire) => {
                 state.last_heard = Instant::now();
                 match wire {
-                    Wire::Assign { item, payload } => {
-                        debug!(item, "assignment received");
+                    Wire::Assign { round, item, payload } => {
+                        debug!(round, item, "assignment received");
                         if let Some(worker) = &state.worker {
-                            let _ = worker.send_message(WorkerMsg::Assign { item, payload });
+                            let _ = worker.send_message(WorkerMsg::Assign { round, item, payload });
+                        }
+                    }
+                    Wire::Cancel { round } => {
+                        if let Some(worker) = &state.worker {
+                            let _ = worker.send_message(WorkerMsg::Cancel { round });
+                        }
+                    }
+                    Wire::Broadcast { state: blob } => {
+                        debug!(bytes = blob.len(), "broadcast state received");
+                        if let Some(worker) = &state.worker {
+                            let _ = worker.send_message(WorkerMsg::Broadcast(Arc::new(blob)));
                         }
                     }
                     Wire::Heartbeat => {}
@@ -352,18 +381,18 @@ impl Actor for Link {
                     Wire::Abort { reason } => {
                         state.finish(&myself, Err(ClusterError::Aborted { reason }));
                     }
-                    Wire::Result { item, .. } => {
-                        warn!(item, "unexpected result from the coordinator; ignored");
+                    Wire::Result { round, item, .. } => {
+                        warn!(round, item, "unexpected result from the coordinator; ignored");
                     }
                 }
             }
-            LinkMsg::WorkerResult { item, result } => {
+            LinkMsg::WorkerResult { round, item, result } => {
                 state.executed += 1;
-                let sent = match state.sender.send(&Wire::Result { item, result }).await {
+                let sent = match state.sender.send(&Wire::Result { round, item, result }).await {
                     // Too large for a frame: report that as the item's error instead.
                     Err(e @ TransportError::Send { .. }) => {
                         let result = Err(format!("the result cannot be sent back: {e}"));
-                        state.sender.send(&Wire::Result { item, result }).await
+                        state.sender.send(&Wire::Result { round, item, result }).await
                     }
                     other => other,
                 };
