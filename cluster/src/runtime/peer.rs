@@ -64,6 +64,11 @@ fn spawn_reader<M: Message>(
 /// Marks the close reason of a connection closed because the run was aborted.
 const ABORT_PREFIX: &str = "run aborted: ";
 
+/// The close reason of a connection closed because the job is done: a worker that sees the
+/// close before it read the `Done` (QUIC drops a stream's unread data when its connection
+/// closes, and `finish` only waits for the transport's acknowledgement) still ends normally.
+const DONE_REASON: &str = "job done";
+
 /// Messages of a [`RemoteWorker`].
 pub(crate) enum PeerMsg {
     /// Coordinator → worker: run this item.
@@ -184,8 +189,12 @@ impl Actor for RemoteWorker {
                 }
                 // Should the `Abort` not have arrived before the close (a loaded machine), its
                 // reason still does, in the close frame.
-                if let Wire::Abort { reason } = &last {
-                    state.sender.close(&format!("{ABORT_PREFIX}{reason}"));
+                match &last {
+                    Wire::Abort { reason } => {
+                        state.sender.close(&format!("{ABORT_PREFIX}{reason}"))
+                    }
+                    Wire::Done => state.sender.close(DONE_REASON),
+                    _ => {}
                 }
                 myself.stop(Some("run finished".into()));
             }
@@ -279,6 +288,12 @@ impl LinkState {
         if let Some(at) = reason.find(ABORT_PREFIX) {
             let why = reason[at + ABORT_PREFIX.len()..].to_string();
             self.finish(myself, Err(ClusterError::Aborted { reason: why }));
+            return;
+        }
+        // A coordinator done with the job says so too (the close beat the `Done` frame).
+        if reason.contains(DONE_REASON) {
+            let executed = self.executed;
+            self.finish(myself, Ok(WorkerSummary { executed }));
             return;
         }
         self.finish(myself, Err(ClusterError::CoordinatorLost { addr, reason }));
