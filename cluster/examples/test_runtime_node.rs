@@ -4,7 +4,10 @@
 //!   the coordinator at `addr` and executes items (sleeping `sleep ms` in each, touching the
 //!   marker file when it starts its `after`-th item); exits non-zero (panics) if its run fails;
 //! - `test_runtime_node coordinator <job dir> <items>` prints `LISTENING <addr>` and runs its
-//!   items on whoever joins.
+//!   items on whoever joins;
+//! - `test_runtime_node stepper <addr> <job dir> <name> <sleep ms> [<marker> <round> <after>]`
+//!   joins a job with rounds (`tests/rounds.rs`) and executes its step items, touching the
+//!   marker file and hanging (to be killed) on its `after`-th item of round `round`.
 
 #[path = "../tests/support/runtime.rs"]
 mod runtime;
@@ -12,7 +15,7 @@ mod runtime;
 use std::path::{Path, PathBuf};
 
 use fusion_cluster::runtime::{run_coordinator, run_worker};
-use runtime::{items, loopback, opts, toy};
+use runtime::{items, loopback, opts, stepper, toy};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,6 +31,17 @@ fn main() {
                     .unwrap();
             println!("worker {name} executed {}", summary.executed);
         }
+        ["stepper", addr, dir, name, sleep_ms, ref hang @ ..] => {
+            let mut exec = stepper(sleep_ms.parse().unwrap());
+            if let [path, round, after] = hang {
+                let at = (PathBuf::from(path), round.parse().unwrap(), after.parse().unwrap());
+                exec.hang = Some(at);
+            }
+            let summary =
+                run_worker(addr.parse().unwrap(), name, Box::new(exec), &opts(Path::new(dir)))
+                    .unwrap();
+            println!("stepper {name} executed {}", summary.executed);
+        }
         ["coordinator", dir, n] => {
             let o = opts(Path::new(dir));
             let _ = run_coordinator(items(n.parse().unwrap()), None, loopback(), &o, |addr| {
@@ -36,7 +50,8 @@ fn main() {
         }
         _ => panic!(
             "usage: test_runtime_node worker <addr> <job dir> <name> <sleep ms> [<marker> <after>] \
-             | coordinator <job dir> <items>; got {args:?}"
+             | coordinator <job dir> <items> | stepper <addr> <job dir> <name> <sleep ms> \
+             [<marker> <round> <after>]; got {args:?}"
         ),
     }
 }

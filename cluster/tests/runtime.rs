@@ -4,7 +4,7 @@
 //! 0 and `ClusterOptions::fast()` (QUIC idle 1 s, heartbeat 0.2 s, lost after 1.5 s).
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
@@ -23,7 +23,10 @@ use fusion_cluster::{
     },
     transport::TransportError,
 };
-use support::runtime::{expected, items, loopback, opts, toy, Toy, JOB};
+use support::{
+    runtime::{expected, items, loopback, opts, toy, Toy, JOB},
+    watchdog, Reaper,
+};
 
 mod support;
 
@@ -55,36 +58,6 @@ fn spawn_worker(
         .stdout(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-/// Fails the whole test binary if a test runs longer than `limit`: a run that never completes
-/// (an item lost for good, a missed `Done`) must fail, not hang. Disarmed when the returned
-/// sender is dropped.
-fn watchdog(test: &'static str, limit: Duration) -> mpsc::Sender<()> {
-    let (tx, rx) = mpsc::channel::<()>();
-    thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-            // Straight to stderr: libtest captures `eprintln!` in threads spawned by a test.
-            let _ = writeln!(
-                std::io::stderr(),
-                "{test} still running after {limit:?}: it hangs; aborting the test binary"
-            );
-            std::process::exit(101);
-        }
-    });
-    tx
-}
-
-/// Kills leftover children when a test fails half-way.
-struct Reaper(Vec<Child>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 #[test]

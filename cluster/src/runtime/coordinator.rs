@@ -1,39 +1,48 @@
-//! The coordinator actor: owns the [`Scheduler`] and the [`Membership`], supervises the workers
-//! and the peer actors, hands out items and gathers results.
+//! The coordinator actor: owns the [`Membership`] and the running [`Round`], supervises the
+//! workers and the peer actors, hands out items and gathers results, for as long as the job runs.
 //!
-//! Losses reach it three ways, all ending in `lose`: a child actor failed or stopped (its
-//! supervision event: for a peer actor, its connection was lost), or the membership tick found a
-//! worker silent past `lost_after`. A lost worker's in-flight items go back to the front of the
-//! queue; items it finished stay finished.
+//! The driver ([`super::Job`]) starts a round with `Round` and waits for its reply; between
+//! rounds the coordinator goes on accepting workers, heartbeating and judging silences. Losses
+//! reach it three ways, all ending in `lose`: a child actor failed or stopped (its supervision
+//! event: for a peer actor, its connection was lost), or the membership tick found a worker
+//! silent past `lost_after`. A worker lost during a round has its in-flight items put back at the
+//! front of that round's queue; items it finished stay finished. One lost between rounds is gone.
 
 use std::{
     collections::{BTreeMap, HashMap},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
-use tokio::{sync::oneshot, task::JoinHandle};
+use tokio::{
+    sync::{oneshot, watch},
+    task::JoinHandle,
+};
 use tracing::{debug, info, warn};
 
 use super::{
     local_worker_name,
     peer::{PeerArgs, PeerMsg, RemoteWorker},
+    round::{Received, Round},
     wire::Wire,
     worker::{Sink, Worker, WorkerArgs, WorkerMsg},
-    ClusterError, ClusterOptions, Executor, LostWorker, RunSummary,
+    ClusterError, ClusterOptions, Executor, JobSummary, LostWorker, RoundResults, RoundSummary,
 };
 use crate::{
     membership::{Event, MemberId, MemberKey, Membership, MembershipConfig, Role},
-    scheduler::{Completion, ItemId, Scheduler},
     transport::Peer,
 };
 
-/// How long the coordinator waits, once the run is over, for its children to deliver `Done` or
+/// How long the coordinator waits, once the job is over, for its children to deliver `Done` or
 /// `Abort` and stop.
 const FINISH_GRACE: Duration = Duration::from_secs(2);
 
-/// How often the coordinator logs the run's progress at `info`.
+/// How often the coordinator logs a round's progress at `info`.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// The reply to a round: its results, or why it failed.
+pub(crate) type RoundReply = oneshot::Sender<Result<RoundResults, ClusterError>>;
 
 /// Messages of the coordinator.
 pub(crate) enum CoordinatorMsg {
@@ -48,26 +57,47 @@ pub(crate) enum CoordinatorMsg {
     Result {
         /// The worker.
         key: MemberKey,
-        /// Item index.
+        /// The round the item belongs to.
+        round: u64,
+        /// Item index within its round.
         item: u64,
         /// The executor's output or error.
         result: Result<Vec<u8>, String>,
     },
     /// Heartbeat interval: judge silences, open the gate, check for an empty cluster.
     Tick,
-    /// The children had their grace period to stop after the run ended.
+    /// The driver starts the next round.
+    Round {
+        /// The round's items, in result order.
+        items: Vec<Vec<u8>>,
+        /// Where the round's outcome goes.
+        reply: RoundReply,
+    },
+    /// The driver hands every worker (present and future) this state.
+    Broadcast(Arc<Vec<u8>>),
+    /// The driver ends the job: tell every worker `last` (`Done` or `Abort`), wait for them to
+    /// stop, then reply with the job's summary and stop.
+    End {
+        /// The last message to every worker.
+        last: Wire,
+        /// Where the summary goes.
+        reply: oneshot::Sender<JobSummary>,
+    },
+    /// The children had their grace period to stop after the job ended.
     FinishTimeout,
 }
 
 /// Start-up arguments of the coordinator.
 pub(crate) struct CoordinatorArgs {
-    pub(crate) items: Vec<Vec<u8>>,
     pub(crate) local: Vec<Box<dyn Executor>>,
     /// Whether workers can join over the network.
     pub(crate) networked: bool,
     pub(crate) opts: ClusterOptions,
     pub(crate) started: Instant,
-    pub(crate) reply: oneshot::Sender<Result<RunSummary, ClusterError>>,
+    /// Fired once `min_workers` joined or `wait_for_workers` passed: the driver may start.
+    pub(crate) gate: oneshot::Sender<()>,
+    /// Names of the live workers, for [`super::Job::workers`].
+    pub(crate) names: watch::Sender<Vec<String>>,
 }
 
 /// How the coordinator reaches one worker.
@@ -77,11 +107,25 @@ enum Handle {
 }
 
 impl Handle {
-    fn assign(&self, item: u64, payload: Vec<u8>) -> bool {
+    fn assign(&self, round: u64, item: u64, payload: Vec<u8>) -> bool {
         match self {
-            Handle::Local(w) => w.send_message(WorkerMsg::Assign { item, payload }).is_ok(),
-            Handle::Remote(p) => p.send_message(PeerMsg::Assign { item, payload }).is_ok(),
+            Handle::Local(w) => w.send_message(WorkerMsg::Assign { round, item, payload }).is_ok(),
+            Handle::Remote(p) => p.send_message(PeerMsg::Assign { round, item, payload }).is_ok(),
         }
+    }
+
+    fn cancel(&self, round: u64) {
+        let _ = match self {
+            Handle::Local(w) => w.send_message(WorkerMsg::Cancel { round }).is_ok(),
+            Handle::Remote(p) => p.send_message(PeerMsg::Cancel { round }).is_ok(),
+        };
+    }
+
+    fn broadcast(&self, blob: &Arc<Vec<u8>>) {
+        let _ = match self {
+            Handle::Local(w) => w.send_message(WorkerMsg::Broadcast(blob.clone())).is_ok(),
+            Handle::Remote(p) => p.send_message(PeerMsg::Broadcast(blob.clone())).is_ok(),
+        };
     }
 
     fn finish(&self, last: Wire) {
@@ -99,9 +143,14 @@ impl Handle {
     }
 }
 
+/// The running round and where its outcome goes.
+struct Active {
+    round: Round,
+    reply: RoundReply,
+}
+
 /// State of the coordinator.
 pub(crate) struct CoordinatorState {
-    scheduler: Scheduler<Vec<u8>, Vec<u8>, MemberKey>,
     membership: Membership,
     opts: ClusterOptions,
     networked: bool,
@@ -109,23 +158,30 @@ pub(crate) struct CoordinatorState {
     /// The local executors, until `post_start` spawns their workers.
     local: Vec<Box<dyn Executor>>,
     next_id: u64,
-    /// Live workers (joined, not lost).
+    /// Live workers (joined, not lost), in joining order.
     workers: BTreeMap<MemberKey, Handle>,
     /// Live child actors and the worker each one serves.
     children: HashMap<ActorId, MemberKey>,
-    /// Every worker that joined, in joining order, with the items it completed.
+    /// Every worker that joined, in joining order, with the items it completed in the job.
     roster: Vec<(MemberKey, String, usize)>,
-    executed: Vec<u32>,
     lost: Vec<LostWorker>,
-    /// Items are handed out only once the gate is open (`min_workers` joined, or waited enough).
-    gate_open: bool,
-    /// Since when no worker is live (while items are pending).
+    /// Until the gate opens (`min_workers` joined, or waited enough): the driver waits on it.
+    gate: Option<oneshot::Sender<()>>,
+    names: watch::Sender<Vec<String>>,
+    /// Since when no worker is live.
     empty_since: Option<Instant>,
-    /// Whether the run is over (every item done, or failed).
+    round: Option<Active>,
+    /// Rounds started so far (the last round's number).
+    rounds_started: u64,
+    rounds_failed: usize,
+    summaries: Vec<RoundSummary>,
+    /// Results of another round than the running one (or of none), dropped.
+    stale: usize,
+    /// The last broadcast state, for workers that join later.
+    broadcast: Option<Arc<Vec<u8>>>,
+    /// Whether the job is over (the driver ended it).
     over: bool,
-    /// The run's outcome once it is over, until delivered (when the children stopped).
-    outcome: Option<Result<RunSummary, ClusterError>>,
-    reply: Option<oneshot::Sender<Result<RunSummary, ClusterError>>>,
+    end_reply: Option<oneshot::Sender<JobSummary>>,
     ticks: Option<JoinHandle<()>>,
     last_progress: Instant,
 }
@@ -149,13 +205,8 @@ impl Actor for Coordinator {
             suspect_after: opts.heartbeat_interval,
             lost_after: opts.lost_after,
         })?;
-        let n = args.items.len();
-        let scheduler =
-            Scheduler::new(args.items).with_in_flight_limit(opts.in_flight_per_worker)?;
         Ok(CoordinatorState {
-            scheduler,
             membership,
-            gate_open: opts.min_workers == 0,
             opts,
             networked: args.networked,
             started: args.started,
@@ -164,12 +215,18 @@ impl Actor for Coordinator {
             workers: BTreeMap::new(),
             children: HashMap::new(),
             roster: Vec::new(),
-            executed: vec![0; n],
             lost: Vec::new(),
+            gate: Some(args.gate),
+            names: args.names,
             empty_since: Some(args.started),
+            round: None,
+            rounds_started: 0,
+            rounds_failed: 0,
+            summaries: Vec::new(),
+            stale: 0,
+            broadcast: None,
             over: false,
-            outcome: None,
-            reply: Some(args.reply),
+            end_reply: None,
             ticks: None,
             last_progress: args.started,
         })
@@ -194,8 +251,8 @@ impl Actor for Coordinator {
             let (worker, _) = Actor::spawn_linked(None, Worker, args, myself.get_cell()).await?;
             state.add(key, Handle::Local(worker));
         }
-        info!(items = state.executed.len(), networked = state.networked, "coordinator started");
-        state.after_change(&myself);
+        info!(networked = state.networked, "coordinator started");
+        state.after_change();
         Ok(())
     }
 
@@ -220,7 +277,7 @@ impl Actor for Coordinator {
         match msg {
             CoordinatorMsg::PeerAccepted(peer) => {
                 if state.over {
-                    peer.close("the run is over");
+                    peer.close("the job is over");
                     return Ok(());
                 }
                 let name = peer.node_name().to_string();
@@ -234,7 +291,8 @@ impl Actor for Coordinator {
                 };
                 match Actor::spawn_linked(None, RemoteWorker, args, myself.get_cell()).await {
                     Ok((peer_actor, _)) => {
-                        info!(worker = %name, peer = %addr, "worker joined");
+                        let round = state.round.as_ref().map(|a| a.round.number());
+                        info!(worker = %name, peer = %addr, ?round, "worker joined");
                         state.add(key, Handle::Remote(peer_actor));
                     }
                     Err(e) => {
@@ -248,37 +306,36 @@ impl Actor for Coordinator {
                 Ok(_) => {}
                 Err(e) => debug!(worker = ?key, error = %e, "heartbeat ignored"),
             },
-            CoordinatorMsg::Result { key, item, result } => {
+            CoordinatorMsg::Result { key, round, item, result } => {
                 let _ = state.membership.on_heartbeat(key, now);
-                state.on_result(&myself, key, item, result);
+                state.on_result(key, round, item, result);
             }
             CoordinatorMsg::Tick => {
-                if now.saturating_duration_since(state.last_progress) >= PROGRESS_EVERY {
-                    state.last_progress = now;
-                    let p = state.scheduler.progress();
-                    let workers = state.workers.len();
-                    info!(
-                        done = p.done,
-                        total = p.total,
-                        in_flight = p.in_flight,
-                        workers,
-                        "progress"
-                    );
-                }
+                state.log_progress(now);
                 for event in state.membership.tick(now) {
                     match event {
                         Event::Lost { key, .. } => {
                             let silent = state.opts.lost_after;
-                            state.lose(
-                                &myself,
-                                key,
-                                format!("no heartbeat for more than {silent:?}"),
-                            );
+                            state.lose(key, format!("no heartbeat for more than {silent:?}"));
                         }
                         Event::Suspect { key } => debug!(worker = ?key, "worker suspect"),
                         _ => {}
                     }
                 }
+            }
+            CoordinatorMsg::Round { items, reply } => state.start_round(items, reply, now),
+            CoordinatorMsg::Broadcast(blob) => {
+                if !state.over {
+                    debug!(bytes = blob.len(), workers = state.workers.len(), "broadcast");
+                    for handle in state.workers.values() {
+                        handle.broadcast(&blob);
+                    }
+                    state.broadcast = Some(blob);
+                }
+            }
+            CoordinatorMsg::End { last, reply } => {
+                state.end(&myself, last, reply);
+                return Ok(());
             }
             CoordinatorMsg::FinishTimeout => {
                 if !state.children.is_empty() {
@@ -291,12 +348,12 @@ impl Actor for Coordinator {
                 return Ok(());
             }
         }
-        state.after_change(&myself);
+        state.after_change();
         Ok(())
     }
 
     /// Overrides ractor's default (which stops the coordinator when a child stops or fails): a
-    /// child that fails or stops before the run is over is a lost worker.
+    /// child that fails or stops before the job is over is a lost worker.
     async fn handle_supervisor_evt(
         &self,
         myself: ActorRef<CoordinatorMsg>,
@@ -312,8 +369,8 @@ impl Actor for Coordinator {
         };
         if let Some(key) = state.children.remove(&cell.get_id()) {
             if !state.over {
-                state.lose(&myself, key, reason);
-                state.after_change(&myself);
+                state.lose(key, reason);
+                state.after_change();
             } else if state.children.is_empty() {
                 state.deliver(&myself);
             }
@@ -336,10 +393,24 @@ impl CoordinatorState {
         key
     }
 
+    /// A joined worker's actor runs: it gets the last broadcast state, then items.
     fn add(&mut self, key: MemberKey, handle: Handle) {
+        if let Some(blob) = &self.broadcast {
+            handle.broadcast(blob);
+        }
         self.children.insert(handle.cell().get_id(), key);
         self.workers.insert(key, handle);
         self.empty_since = None;
+        let name = self.name_of(key);
+        if let Some(active) = &mut self.round {
+            active.round.joined(key, &name);
+        }
+        self.publish_names();
+    }
+
+    fn publish_names(&self) {
+        let names = self.workers.keys().map(|k| self.name_of(*k)).collect();
+        self.names.send_replace(names);
     }
 
     fn name_of(&self, key: MemberKey) -> String {
@@ -349,152 +420,219 @@ impl CoordinatorState {
             .map_or_else(|| format!("{key:?}"), |(_, name, _)| name.clone())
     }
 
+    fn start_round(&mut self, items: Vec<Vec<u8>>, reply: RoundReply, now: Instant) {
+        if self.over || self.round.is_some() {
+            let why = if self.over { "the job is over" } else { "a round is already running" };
+            let _ = reply.send(Err(ClusterError::Runtime(format!("cannot start a round: {why}"))));
+            return;
+        }
+        self.rounds_started += 1;
+        let number = self.rounds_started;
+        // The first round's wait for a worker counts from the job's start, as the gate's did.
+        let wait_from = if number == 1 { self.started } else { now };
+        let n = items.len();
+        match Round::new(number, items, self.opts.in_flight_per_worker, now, wait_from) {
+            Ok(mut round) => {
+                for key in self.workers.keys() {
+                    round.joined(*key, &self.name_of(*key));
+                }
+                info!(round = number, items = n, workers = self.workers.len(), "round started");
+                self.last_progress = now;
+                self.round = Some(Active { round, reply });
+            }
+            Err(e) => {
+                let _ = reply.send(Err(ClusterError::Options(e.to_string())));
+            }
+        }
+    }
+
     fn on_result(
         &mut self,
-        myself: &ActorRef<CoordinatorMsg>,
         key: MemberKey,
+        round: u64,
         item: u64,
         result: Result<Vec<u8>, String>,
     ) {
         if self.over {
             return;
         }
-        let Some(idx) = usize::try_from(item).ok().filter(|&i| i < self.executed.len()) else {
-            warn!(worker = %self.name_of(key), item, "result for an unknown item; ignored");
+        let Some(active) = &mut self.round else {
+            self.stale += 1;
+            debug!(worker = %self.name_of(key), round, item, "result between rounds; dropped");
             return;
         };
-        let bytes = match result {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                let worker = self.name_of(key);
-                warn!(worker = %worker, item = idx, error = %error, "item failed; failing the run");
-                self.end(myself, Err(ClusterError::ItemFailed { item: idx, worker, error }));
-                return;
-            }
-        };
-        self.executed[idx] += 1;
-        match self.scheduler.complete(&key, ItemId(idx), bytes) {
-            Ok(Completion::Accepted { .. }) => {
-                debug!(worker = %self.name_of(key), item = idx, "item done");
+        match active.round.receive(key, round, item, result) {
+            Received::Stored => {
+                debug!(worker = ?key, round, item, "item done");
                 if let Some(entry) = self.roster.iter_mut().find(|(k, _, _)| *k == key) {
                     entry.2 += 1;
                 }
             }
-            Ok(Completion::Ignored) => {
-                debug!(worker = %self.name_of(key), item = idx, "item already done; result dropped")
+            Received::AlreadyDone => debug!(worker = ?key, item, "item already done; dropped"),
+            Received::Stale => {
+                self.stale += 1;
+                let current = active.round.number();
+                debug!(worker = ?key, round, current, item, "result of another round; dropped");
             }
-            Err(e) => warn!(error = %e, "result ignored"),
+            Received::Unknown => {
+                warn!(worker = %self.name_of(key), round, item, "result for an unknown item; ignored")
+            }
+            Received::Failed(e) => {
+                warn!(error = %e, "item failed; failing the round");
+                self.fail_round(e);
+            }
         }
     }
 
     /// Declares `key` lost (once): no more items for it, its in-flight items re-queued, its actor
     /// stopped.
-    fn lose(&mut self, myself: &ActorRef<CoordinatorMsg>, key: MemberKey, reason: String) {
+    fn lose(&mut self, key: MemberKey, reason: String) {
         let Some(handle) = self.workers.remove(&key) else {
             return;
         };
         let now = Instant::now();
         let _ = self.membership.leave(key, now);
-        let requeued: Vec<usize> =
-            self.scheduler.worker_lost(&key).into_iter().map(|i| i.0).collect();
-        let name = self.name_of(key);
-        info!(worker = %name, reason = %reason, requeued = ?requeued, "worker lost");
+        let record = match &mut self.round {
+            Some(active) => active.round.worker_lost(&key, now, &reason),
+            None => LostWorker {
+                name: self.name_of(key),
+                at: now,
+                reason: reason.clone(),
+                requeued: Vec::new(),
+                round: None,
+            },
+        };
+        info!(worker = %record.name, reason = %reason, round = ?record.round, requeued = ?record.requeued, "worker lost");
         handle.cell().stop(Some(format!("lost: {reason}")));
-        self.lost.push(LostWorker { name, at: now, reason, requeued });
+        self.lost.push(record);
         if self.workers.is_empty() {
             self.empty_since = Some(now);
-            if !self.networked && !self.scheduler.is_done() {
-                let e = self.no_workers(Duration::ZERO);
-                self.end(myself, Err(e));
-            }
+        }
+        self.publish_names();
+    }
+
+    fn log_progress(&mut self, now: Instant) {
+        let Some(active) = &self.round else {
+            return;
+        };
+        if now.saturating_duration_since(self.last_progress) >= PROGRESS_EVERY {
+            self.last_progress = now;
+            let p = active.round.progress();
+            let (round, workers) = (active.round.number(), self.workers.len());
+            info!(
+                round,
+                done = p.done,
+                total = p.total,
+                in_flight = p.in_flight,
+                workers,
+                "progress"
+            );
         }
     }
 
-    fn no_workers(&self, waited: Duration) -> ClusterError {
-        let p = self.scheduler.progress();
-        ClusterError::NoWorkers { pending: p.total - p.done, total: p.total, waited }
-    }
-
-    /// After any change: finish when done, open the gate, fail when nobody is left, hand out items.
-    fn after_change(&mut self, myself: &ActorRef<CoordinatorMsg>) {
+    /// After any change: open the gate; finish the round when done, fail it when nobody is
+    /// left for too long, or hand out its items.
+    fn after_change(&mut self) {
         if self.over {
             return;
         }
-        if self.scheduler.is_done() {
-            let summary = self.summary();
-            self.end(myself, Ok(summary));
-            return;
-        }
         let now = Instant::now();
-        let waited = now.saturating_duration_since(self.started);
-        if !self.gate_open {
+        if self.gate.is_some() {
+            let waited = now.saturating_duration_since(self.started);
             let remote = self.workers.values().filter(|h| matches!(h, Handle::Remote(_))).count();
             if remote >= self.opts.min_workers || waited >= self.opts.wait_for_workers {
-                info!(remote, wanted = self.opts.min_workers, ?waited, "handing out items");
-                self.gate_open = true;
+                info!(remote, wanted = self.opts.min_workers, ?waited, "the job starts");
+                if let Some(gate) = self.gate.take() {
+                    let _ = gate.send(());
+                }
             }
         }
-        if let Some(since) = self.empty_since {
-            let empty_for = now.saturating_duration_since(since);
-            if empty_for >= self.opts.wait_for_workers {
-                let e = self.no_workers(empty_for);
-                self.end(myself, Err(e));
-                return;
-            }
-        }
-        if !self.gate_open {
+        let Some(active) = &mut self.round else {
+            return;
+        };
+        if active.round.is_done() {
+            self.complete_round(now);
             return;
         }
+        if self.workers.is_empty() {
+            let since = self.empty_since.unwrap_or(now).max(active.round.wait_from());
+            let empty_for = now.saturating_duration_since(since);
+            if !self.networked || empty_for >= self.opts.wait_for_workers {
+                let waited = if self.networked { empty_for } else { Duration::ZERO };
+                let e = active.round.no_workers(waited);
+                self.fail_round(e);
+            }
+            return;
+        }
+        let number = active.round.number();
         for (key, handle) in &self.workers {
-            while let Some(a) = self.scheduler.next_for(key, now) {
-                let item = a.id.0 as u64;
-                debug!(worker = ?key, item, "item assigned");
-                if !handle.assign(item, a.payload.clone()) {
+            while let Some((item, payload)) = active.round.next_for(key, now) {
+                debug!(worker = ?key, round = number, item, "item assigned");
+                if !handle.assign(number, item, payload) {
                     break; // its actor is gone; the supervision event re-queues its items
                 }
             }
         }
     }
 
-    fn summary(&mut self) -> RunSummary {
-        let n = self.executed.len();
-        let scheduler = std::mem::replace(&mut self.scheduler, Scheduler::new(Vec::new()));
-        let computed_twice = scheduler.progress().computed_twice;
-        // Only called once every item is done.
-        let results = scheduler.into_results().unwrap_or_else(|_| vec![Vec::new(); n]);
-        let elapsed = self.started.elapsed();
-        info!(items = n, ?elapsed, lost = self.lost.len(), computed_twice, "run finished");
-        RunSummary {
-            results,
-            executed: self.executed.clone(),
-            computed_twice,
-            workers_lost: self.lost.len(),
-            per_worker: self.roster.iter().map(|(_, name, n)| (name.clone(), *n)).collect(),
-            lost: self.lost.clone(),
-            refused: 0,
-            elapsed,
+    fn complete_round(&mut self, now: Instant) {
+        let Some(Active { round, reply }) = self.round.take() else {
+            return;
+        };
+        let number = round.number();
+        match round.finish(now) {
+            Ok(done) => {
+                let s = &done.summary;
+                info!(round = number, items = s.executed.len(), elapsed = ?s.elapsed, lost = s.lost.len(), stale = s.stale, "round finished");
+                self.summaries.push(done.summary.clone());
+                let _ = reply.send(Ok(done));
+            }
+            Err(e) => {
+                self.rounds_failed += 1;
+                let _ = reply.send(Err(ClusterError::Runtime(format!("round {number}: {e}"))));
+            }
         }
     }
 
-    /// The run is over: tell every worker (`Done`, or `Abort` on failure), then deliver the
-    /// outcome once every child stopped (or after a grace period).
+    /// The running round failed: its queued items are dropped on every worker (the running ones
+    /// finish, and their results are dropped as stale), and the driver gets `error`.
+    fn fail_round(&mut self, error: ClusterError) {
+        let Some(Active { round, reply }) = self.round.take() else {
+            return;
+        };
+        let number = round.number();
+        self.rounds_failed += 1;
+        for handle in self.workers.values() {
+            handle.cancel(number);
+        }
+        info!(round = number, error = %error, "round failed");
+        let _ = reply.send(Err(error));
+    }
+
+    /// The job is over: tell every worker `last` (`Done`, or `Abort`), then deliver the summary
+    /// once every child stopped (or after a grace period).
     fn end(
         &mut self,
         myself: &ActorRef<CoordinatorMsg>,
-        outcome: Result<RunSummary, ClusterError>,
+        last: Wire,
+        reply: oneshot::Sender<JobSummary>,
     ) {
         if self.over {
-            return;
+            return; // the first End's reply gets the summary; this one's sender just drops
+        }
+        if self.round.is_some() {
+            let reason = match &last {
+                Wire::Abort { reason } => reason.clone(),
+                _ => "the job ended".into(),
+            };
+            self.fail_round(ClusterError::Aborted { reason });
         }
         self.over = true;
-        let last = match &outcome {
-            Ok(_) => Wire::Done,
-            Err(e) => Wire::Abort { reason: e.to_string() },
-        };
-        self.outcome = Some(outcome);
+        self.end_reply = Some(reply);
         for handle in std::mem::take(&mut self.workers).into_values() {
             handle.finish(last.clone());
         }
+        self.publish_names();
         if self.children.is_empty() {
             self.deliver(myself);
         } else {
@@ -504,8 +642,23 @@ impl CoordinatorState {
     }
 
     fn deliver(&mut self, myself: &ActorRef<CoordinatorMsg>) {
-        if let (Some(reply), Some(outcome)) = (self.reply.take(), self.outcome.take()) {
-            let _ = reply.send(outcome);
+        if let Some(reply) = self.end_reply.take() {
+            let summary = JobSummary {
+                rounds: std::mem::take(&mut self.summaries),
+                rounds_failed: self.rounds_failed,
+                per_worker: self.roster.iter().map(|(_, name, n)| (name.clone(), *n)).collect(),
+                lost: std::mem::take(&mut self.lost),
+                stale: self.stale,
+                refused: 0,
+                elapsed: self.started.elapsed(),
+            };
+            info!(
+                rounds = summary.rounds.len(),
+                failed = summary.rounds_failed,
+                lost = summary.lost.len(),
+                "job finished"
+            );
+            let _ = reply.send(summary);
         }
         myself.stop(None);
     }

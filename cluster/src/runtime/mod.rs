@@ -1,16 +1,50 @@
 //! The actor runtime: a coordinator that hands out work items, workers that run them, and one peer
 //! actor per QUIC connection that bridges a remote worker (DESIGN.md §4), on ractor 0.16.
 //!
+//! # Jobs and rounds
+//!
+//! A *job* ([`run_job`]) starts the coordinator once; its workers (local executors, and remote
+//! processes running [`run_worker`]) stay joined until the job ends. In between, the caller's
+//! *driver* runs on the calling thread and runs any number of *rounds* ([`Job::round`]): a round
+//! is a list of opaque items (one optimisation step of test-time adaptation, or one evaluation
+//! pass), handed out to whichever workers are joined, and answered with one result per item in
+//! item order ([`RoundResults`]). Then every worker is told `Done` (or `Abort`) and exits.
+//! [`run_coordinator`] / [`run_coordinator_with`] are the one-round case.
+//!
+//! - Rounds are invisible to a worker, except that its [`Executor`] lives for the whole job: it
+//!   may cache what it built for step `k` (a merged model) and rebuild when an item carries step
+//!   `k + 1`'s state. [`Job::broadcast`] hands a state to every executor
+//!   ([`Executor::on_broadcast`]), in order with the items, and to a later joiner before its
+//!   first item.
+//! - Workers may join at any time; one that joins during a round gets that round's items.
+//!   [`ClusterOptions::min_workers`] and [`ClusterOptions::wait_for_workers`] hold the driver
+//!   back at the start of the job only ([`Job::workers`] then lists who is there).
+//! - Between rounds the coordinator keeps heartbeating and judging silences: a worker lost then
+//!   is simply gone. One lost during a round has its in-flight items re-queued and the round
+//!   completes on the others; with none left, the round waits `wait_for_workers` for one to join,
+//!   then fails with [`ClusterError::NoWorkers`].
+//! - Every assignment and result carries its round's number ([`wire::Wire::Assign`]), and a
+//!   result of another round is dropped (counted in [`RoundSummary::stale`]): the running items
+//!   of a failed round, which finish after the next round started with the same item indices,
+//!   never mix into it.
+//! - If the driver panics, every worker is told `Abort` before the panic resumes; if it returns
+//!   early, `Done`. No worker process is left waiting (a worker whose coordinator vanished
+//!   returns [`ClusterError::CoordinatorLost`] after `lost_after` anyway).
+//!
 //! # Actors and supervision
 //!
-//! In the coordinator's process ([`run_coordinator`]):
+//! In the coordinator's process ([`run_job`]):
 //!
 //! ```text
-//! Coordinator ── owns the Scheduler (items, in-flight credits, re-queueing) and the Membership
-//! ├── Worker "local"      (the in-process executor, if any; runs items on a blocking thread)
+//! Coordinator ── owns the running Round (its Scheduler: items, in-flight credits, re-queueing)
+//! │              and the Membership; lives for the whole job
+//! ├── Worker "local"      (an in-process executor, if any; runs items on a blocking thread)
 //! ├── Peer  "rank-1"      (one per accepted QUIC connection: owns the transport::Peer)
 //! └── Peer  "rank-2"
 //! ```
+//!
+//! The driver talks to the coordinator by message ([`Job`]'s methods block on the reply), on the
+//! job's own multi-threaded tokio runtime, which runs the actors while the driver computes.
 //!
 //! In a worker's process ([`run_worker`]): a `Link` actor owns the connection to the coordinator
 //! and supervises that process's Worker actor.
@@ -19,45 +53,51 @@
 //! any process; an executor reaches it through a cloned handle ([`Shard::batch_blocking`]).
 //!
 //! The coordinator overrides ractor's default supervision handler (which would stop it when a
-//! child fails): a failed or stopped child is a *lost worker*; its items go back to the front of
-//! the queue ([`Scheduler::worker_lost`](crate::scheduler::Scheduler::worker_lost)) and the run
-//! goes on with the others.
+//! child fails): a failed or stopped child is a *lost worker*; during a round its items go back
+//! to the front of the queue ([`Scheduler::worker_lost`](crate::scheduler::Scheduler::worker_lost))
+//! and the round goes on with the others.
 //!
 //! # Failure detection
 //!
 //! Every worker actor sends a heartbeat every [`ClusterOptions::heartbeat_interval`] from a ractor
 //! interval task (its mailbox stays free while the executor runs on a blocking thread); a remote
 //! one's travel as [`wire::Wire::Heartbeat`]. The coordinator feeds them to its
-//! [`Membership`](crate::membership::Membership) and ticks it every interval: a worker silent
-//! for [`ClusterOptions::lost_after`] is lost. A killed process is usually noticed sooner, when
-//! QUIC's idle timeout closes its connection and its peer actor fails. The coordinator's peer
-//! actors heartbeat the other way, so a worker notices a lost coordinator the same way and
-//! [`run_worker`] returns [`ClusterError::CoordinatorLost`].
+//! [`Membership`](crate::membership::Membership) and ticks it every interval, in rounds and
+//! between them: a worker silent for [`ClusterOptions::lost_after`] is lost. A killed process is
+//! usually noticed sooner, when QUIC's idle timeout closes its connection and its peer actor
+//! fails. The coordinator's peer actors heartbeat the other way, so a worker notices a lost
+//! coordinator the same way and [`run_worker`] returns [`ClusterError::CoordinatorLost`].
 //!
 //! # Determinism
 //!
-//! [`RunSummary::results`] holds one result per item, in item order, whichever worker computed it
-//! and whenever; the caller reduces them in that order. Items a lost worker had finished and
-//! returned are never recomputed; only its in-flight items are re-queued.
+//! [`RoundResults::results`] (and [`RunSummary::results`]) hold one result per item, in item
+//! order, whichever worker computed it and whenever; the caller reduces them in that order, so a
+//! round's outcome (and the next round's state) does not depend on the number of workers. Items a
+//! lost worker had finished and returned are never recomputed; only its in-flight items are
+//! re-queued.
 //!
 //! # Errors
 //!
-//! An item whose executor returns `Err` (or panics) fails the run with
+//! An item whose executor returns `Err` (or panics) fails its round with
 //! [`ClusterError::ItemFailed`], naming the item and the worker: a deterministic error would
-//! only fail again elsewhere. Every worker is then told to stop ([`wire::Wire::Abort`]).
+//! only fail again elsewhere. The workers drop that round's queued items ([`wire::Wire::Cancel`]);
+//! the job goes on, and the driver may run another round or end the job ([`Job::abort`] tells
+//! every worker [`wire::Wire::Abort`]; [`run_coordinator`] does so).
 
 mod coordinator;
+mod job;
 mod peer;
+mod round;
 mod shard;
 pub mod wire;
 mod worker;
 
+pub use job::{run_job, Job, JobSummary, RoundResults, RoundSummary};
 pub use shard::{Shard, ShardLoader, ShardOptions, ShardStats};
 
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -96,10 +136,21 @@ const CLOSE_LINGER: Duration = Duration::from_millis(500);
 /// Runs one work item (opaque bytes the caller encodes).
 ///
 /// Called on a blocking thread, one item at a time per executor; may take seconds. A panic is
-/// caught and treated as an `Err` of that item.
+/// caught and treated as an `Err` of that item. One executor serves its worker for the whole
+/// job, across rounds: it may keep state between items (e.g. the model it built for step `k`,
+/// rebuilt when an item carries step `k + 1`'s parameters).
 pub trait Executor: Send + 'static {
-    /// Runs `item` and returns its encoded result, or an error in words (which fails the run).
+    /// Runs `item` and returns its encoded result, or an error in words (which fails the round).
     fn execute(&mut self, item: &[u8]) -> Result<Vec<u8>, String>;
+
+    /// Takes a state the driver sent every worker ([`Job::broadcast`]), on the same blocking
+    /// thread as `execute`, after the items assigned before it and before the later ones. An
+    /// `Err` (or a panic) makes every later item of this worker fail with it, until a later
+    /// broadcast is accepted. The default ignores the state.
+    fn on_broadcast(&mut self, state: &[u8]) -> Result<(), String> {
+        let _ = state;
+        Ok(())
+    }
 
     /// A hook the worker calls, from its actor (inside the tokio runtime, never blocking), for
     /// each item assigned while another one runs: a chance to start loading that item's inputs
@@ -127,12 +178,13 @@ pub struct ClusterOptions {
     pub job_id: String,
     /// Where [`JobCredentials::create_or_load`] puts the job CA; shared by all processes.
     pub job_dir: PathBuf,
-    /// Remote workers to wait for before handing out any item. Default 0.
+    /// Remote workers to wait for before the job's driver starts (so before any item is handed
+    /// out). Default 0.
     pub min_workers: usize,
     /// How long to wait for `min_workers` before going on with whoever is there; also how long
     /// the coordinator waits for a worker to (re)join when it has none left while items are
-    /// pending, and how long a worker retries connecting to a coordinator that does not answer.
-    /// Default 60 s.
+    /// pending in a round, and how long a worker retries connecting to a coordinator that does
+    /// not answer. Default 60 s.
     pub wait_for_workers: Duration,
 }
 
@@ -180,7 +232,7 @@ impl ClusterOptions {
     }
 }
 
-/// A worker the coordinator declared lost during a run.
+/// A worker the coordinator declared lost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LostWorker {
     /// Its name (its node name; [`LOCAL_WORKER_NAME`] for the in-process worker).
@@ -189,11 +241,13 @@ pub struct LostWorker {
     pub at: Instant,
     /// Why: silent past `lost_after`, connection lost, or its actor failed.
     pub reason: String,
-    /// The items it held that went back to the queue.
+    /// The items it held that went back to the queue (indices within `round`).
     pub requeued: Vec<usize>,
+    /// The round running when it was lost, or `None` between rounds.
+    pub round: Option<u64>,
 }
 
-/// What a finished run produced.
+/// What a finished one-round run ([`run_coordinator`]) produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunSummary {
     /// One result per item, in item order, whatever finished where and when.
@@ -202,7 +256,7 @@ pub struct RunSummary {
     pub executed: Vec<u32>,
     /// Results that arrived for an item another worker had already finished.
     pub computed_twice: usize,
-    /// Workers declared lost during the run.
+    /// Workers declared lost during the run (its one round).
     pub workers_lost: usize,
     /// Items completed by each worker that joined (name, count), in joining order.
     pub per_worker: Vec<(String, usize)>,
@@ -247,7 +301,7 @@ pub enum ClusterError {
         /// What was seen.
         reason: String,
     },
-    /// An item's executor returned an error (or panicked); the run is failed.
+    /// An item's executor returned an error (or panicked); its round (the run) is failed.
     #[error("item {item} failed on worker {worker:?}: {error}")]
     ItemFailed {
         /// The item's index.
@@ -257,7 +311,9 @@ pub enum ClusterError {
         /// The executor's error.
         error: String,
     },
-    /// The coordinator failed the run and told this worker to stop.
+    /// The coordinator failed the run (or its driver ended the job with [`Job::abort`], or
+    /// panicked) and told this worker to stop. To a driver: a round or broadcast asked for after
+    /// [`Job::abort`].
     #[error("the coordinator aborted the run: {reason}")]
     Aborted {
         /// The coordinator's reason (e.g. which item failed where).
@@ -313,6 +369,9 @@ pub fn run_coordinator(
 
 /// [`run_coordinator`] with any number of in-process workers (one per local GPU, or CPU workers
 /// sharing the cores), named by [`local_worker_name`]; each is a worker like a remote one.
+///
+/// A job ([`run_job`]) of one round: a failed round aborts the job, so every worker's
+/// [`run_worker`] returns [`ClusterError::Aborted`] with the reason.
 pub fn run_coordinator_with(
     items: Vec<Vec<u8>>,
     local: Vec<Box<dyn Executor>>,
@@ -320,73 +379,26 @@ pub fn run_coordinator_with(
     opts: &ClusterOptions,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<RunSummary, ClusterError> {
-    opts.validate()?;
-    if local.is_empty() && listen.is_none() {
-        return Err(ClusterError::Options(
-            "neither a local executor nor a listen address: nobody could run the items".into(),
-        ));
-    }
-    let rt = tokio_runtime()?;
-    let outcome = rt.block_on(coordinate(items, local, listen, opts, on_listening));
-    rt.shutdown_background();
-    outcome
-}
-
-async fn coordinate(
-    items: Vec<Vec<u8>>,
-    local: Vec<Box<dyn Executor>>,
-    listen: Option<SocketAddr>,
-    opts: &ClusterOptions,
-    on_listening: impl FnOnce(SocketAddr),
-) -> Result<RunSummary, ClusterError> {
     let started = Instant::now();
-    let endpoint = match listen {
-        Some(addr) => {
-            let ca = JobCredentials::create_or_load(&opts.job_dir)?;
-            let node = ca.issue_node(COORDINATOR_NODE_NAME, &[])?;
-            let ep = Endpoint::bind(addr, &node, &opts.job_id, opts.transport.clone())?;
-            let bound = ep.local_addr()?;
-            info!(addr = %bound, job = %opts.job_id, "coordinator listening");
-            on_listening(bound);
-            Some(Arc::new(ep))
+    let (round, job) = run_job(local, listen, opts, on_listening, |job| {
+        let round = job.round(items);
+        if let Err(e) = &round {
+            job.abort(&e.to_string());
         }
-        None => None,
-    };
-    let (reply, result) = oneshot::channel();
-    let args = coordinator::CoordinatorArgs {
-        items,
-        local,
-        networked: endpoint.is_some(),
-        opts: opts.clone(),
-        started,
-        reply,
-    };
-    let (coord, handle) = Actor::spawn(None, coordinator::Coordinator, args)
-        .await
-        .map_err(|e| ClusterError::Runtime(format!("cannot start the coordinator: {e}")))?;
-    let acceptor = endpoint.clone().map(|ep| {
-        let coord = coord.clone();
-        tokio::spawn(async move {
-            while let Some(peer) = ep.accept().await {
-                if coord.send_message(coordinator::CoordinatorMsg::PeerAccepted(peer)).is_err() {
-                    break;
-                }
-            }
-        })
-    });
-    let outcome = result.await.unwrap_or_else(|_| {
-        Err(ClusterError::Runtime("the coordinator stopped without a result".into()))
-    });
-    if let Some(acceptor) = acceptor {
-        acceptor.abort();
-    }
-    let _ = handle.await;
-    let refused = endpoint.as_ref().map_or(0, |ep| ep.refused_count());
-    if let Some(ep) = endpoint {
-        ep.close("run finished");
-        let _ = tokio::time::timeout(CLOSE_LINGER, ep.wait_idle()).await;
-    }
-    outcome.map(|summary| RunSummary { refused, ..summary })
+        round.map(|r| (r, started.elapsed()))
+    })?;
+    let (round, elapsed) = round?;
+    let s = round.summary;
+    Ok(RunSummary {
+        results: round.results,
+        executed: s.executed,
+        computed_twice: s.computed_twice,
+        workers_lost: s.lost.len(),
+        per_worker: job.per_worker,
+        lost: s.lost,
+        refused: job.refused,
+        elapsed,
+    })
 }
 
 /// Joins the coordinator at `coordinator` as worker `name` and executes items until the

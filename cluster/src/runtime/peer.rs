@@ -13,6 +13,7 @@
 
 use std::{
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -63,15 +64,29 @@ fn spawn_reader<M: Message>(
 /// Marks the close reason of a connection closed because the run was aborted.
 const ABORT_PREFIX: &str = "run aborted: ";
 
+/// The close reason of a connection closed because the job is done: a worker that sees the
+/// close before it read the `Done` (QUIC drops a stream's unread data when its connection
+/// closes, and `finish` only waits for the transport's acknowledgement) still ends normally.
+const DONE_REASON: &str = "job done";
+
 /// Messages of a [`RemoteWorker`].
 pub(crate) enum PeerMsg {
     /// Coordinator → worker: run this item.
     Assign {
-        /// Item index.
+        /// The item's round.
+        round: u64,
+        /// Item index within its round.
         item: u64,
         /// Its payload.
         payload: Vec<u8>,
     },
+    /// Coordinator → worker: drop the queued items of rounds up to this one.
+    Cancel {
+        /// The last cancelled round.
+        round: u64,
+    },
+    /// Coordinator → worker: a state for the executor.
+    Broadcast(Arc<Vec<u8>>),
     /// Send this last message (`Done` or `Abort`), wait for it to be acknowledged, then stop.
     Finish(Wire),
     /// Time to send a heartbeat to the worker.
@@ -147,19 +162,25 @@ impl Actor for RemoteWorker {
         state: &mut PeerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            PeerMsg::Assign { item, payload } => {
-                match state.sender.send(&Wire::Assign { item, payload }).await {
+            PeerMsg::Assign { round, item, payload } => {
+                match state.sender.send(&Wire::Assign { round, item, payload }).await {
                     Ok(()) => {}
                     // Too large for a frame: no worker could take it, so the item fails (the
                     // connection stays usable).
                     Err(e @ TransportError::Send { .. }) => {
                         let key = state.key;
                         let result = Err(format!("the item cannot be sent to the worker: {e}"));
-                        let msg = CoordinatorMsg::Result { key, item, result };
+                        let msg = CoordinatorMsg::Result { key, round, item, result };
                         let _ = state.coordinator.send_message(msg);
                     }
                     Err(e) => return Err(e.into()),
                 }
+            }
+            PeerMsg::Cancel { round } => state.sender.send(&Wire::Cancel { round }).await?,
+            // `Job::broadcast` checked the size against the frame limit: any error here is the
+            // connection's, and fails this actor (the worker is lost).
+            PeerMsg::Broadcast(blob) => {
+                state.sender.send(&Wire::Broadcast { state: blob.as_ref().clone() }).await?
             }
             PeerMsg::Beat => state.sender.send(&Wire::Heartbeat).await?,
             PeerMsg::Finish(last) => {
@@ -168,15 +189,19 @@ impl Actor for RemoteWorker {
                 }
                 // Should the `Abort` not have arrived before the close (a loaded machine), its
                 // reason still does, in the close frame.
-                if let Wire::Abort { reason } = &last {
-                    state.sender.close(&format!("{ABORT_PREFIX}{reason}"));
+                match &last {
+                    Wire::Abort { reason } => {
+                        state.sender.close(&format!("{ABORT_PREFIX}{reason}"))
+                    }
+                    Wire::Done => state.sender.close(DONE_REASON),
+                    _ => {}
                 }
                 myself.stop(Some("run finished".into()));
             }
-            PeerMsg::Remote(Wire::Result { item, result }) => {
+            PeerMsg::Remote(Wire::Result { round, item, result }) => {
                 let key = state.key;
-                let _ =
-                    state.coordinator.send_message(CoordinatorMsg::Result { key, item, result });
+                let msg = CoordinatorMsg::Result { key, round, item, result };
+                let _ = state.coordinator.send_message(msg);
             }
             PeerMsg::Remote(Wire::Heartbeat) => {
                 let _ =
@@ -201,6 +226,8 @@ impl Actor for RemoteWorker {
 pub(crate) enum LinkMsg {
     /// The local worker finished an item.
     WorkerResult {
+        /// The item's round.
+        round: u64,
         /// Item index.
         item: u64,
         /// The executor's outcome.
@@ -261,6 +288,12 @@ impl LinkState {
         if let Some(at) = reason.find(ABORT_PREFIX) {
             let why = reason[at + ABORT_PREFIX.len()..].to_string();
             self.finish(myself, Err(ClusterError::Aborted { reason: why }));
+            return;
+        }
+        // A coordinator done with the job says so too (the close beat the `Done` frame).
+        if reason.contains(DONE_REASON) {
+            let executed = self.executed;
+            self.finish(myself, Ok(WorkerSummary { executed }));
             return;
         }
         self.finish(myself, Err(ClusterError::CoordinatorLost { addr, reason }));
@@ -338,10 +371,21 @@ impl Actor for Link {
             LinkMsg::Remote(wire) => {
                 state.last_heard = Instant::now();
                 match wire {
-                    Wire::Assign { item, payload } => {
-                        debug!(item, "assignment received");
+                    Wire::Assign { round, item, payload } => {
+                        debug!(round, item, "assignment received");
                         if let Some(worker) = &state.worker {
-                            let _ = worker.send_message(WorkerMsg::Assign { item, payload });
+                            let _ = worker.send_message(WorkerMsg::Assign { round, item, payload });
+                        }
+                    }
+                    Wire::Cancel { round } => {
+                        if let Some(worker) = &state.worker {
+                            let _ = worker.send_message(WorkerMsg::Cancel { round });
+                        }
+                    }
+                    Wire::Broadcast { state: blob } => {
+                        debug!(bytes = blob.len(), "broadcast state received");
+                        if let Some(worker) = &state.worker {
+                            let _ = worker.send_message(WorkerMsg::Broadcast(Arc::new(blob)));
                         }
                     }
                     Wire::Heartbeat => {}
@@ -352,18 +396,18 @@ impl Actor for Link {
                     Wire::Abort { reason } => {
                         state.finish(&myself, Err(ClusterError::Aborted { reason }));
                     }
-                    Wire::Result { item, .. } => {
-                        warn!(item, "unexpected result from the coordinator; ignored");
+                    Wire::Result { round, item, .. } => {
+                        warn!(round, item, "unexpected result from the coordinator; ignored");
                     }
                 }
             }
-            LinkMsg::WorkerResult { item, result } => {
+            LinkMsg::WorkerResult { round, item, result } => {
                 state.executed += 1;
-                let sent = match state.sender.send(&Wire::Result { item, result }).await {
+                let sent = match state.sender.send(&Wire::Result { round, item, result }).await {
                     // Too large for a frame: report that as the item's error instead.
                     Err(e @ TransportError::Send { .. }) => {
                         let result = Err(format!("the result cannot be sent back: {e}"));
-                        state.sender.send(&Wire::Result { item, result }).await
+                        state.sender.send(&Wire::Result { round, item, result }).await
                     }
                     other => other,
                 };

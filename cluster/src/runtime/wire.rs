@@ -1,22 +1,36 @@
 //! Wire messages between the coordinator and a remote worker, sent as codec frames on the
-//! connection's control stream ([`crate::transport::Peer::send`] / [`crate::transport::Peer::recv`]).
+//! connection's control stream ([`crate::transport::Peer::send`] / [`crate::transport::Peer::recv`]),
+//! each size-checked against `max_frame_len` before it is decoded.
 //!
-//! Append variants only, never reorder them: bincode numbers enum variants by position.
+//! Append variants only, never reorder them: bincode numbers enum variants by position. A change
+//! to an existing variant's fields changes the format: bump
+//! [`PROTOCOL_VERSION`](crate::transport::PROTOCOL_VERSION) with it, so a process of another build
+//! is refused at the handshake instead of failing to decode (version 2 added the round numbers).
+//!
+//! Rounds: every item of a job belongs to one round ([`super::Job::round`]), numbered from 1. An
+//! assignment carries its round and the worker echoes it in the result, so a late result of an
+//! earlier round (a failed round's items still running, a duplicate) can never be taken for the
+//! item of the same index in the current round: the coordinator drops it.
 
 use serde::{Deserialize, Serialize};
 
 /// One control message of the runtime's protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Wire {
-    /// Coordinator → worker: run item `item` (its index in the run's item list) on `payload`.
+    /// Coordinator → worker: run item `item` (its index in round `round`'s item list) on
+    /// `payload`.
     Assign {
-        /// The item's index.
+        /// The round the item belongs to (from 1).
+        round: u64,
+        /// The item's index within its round.
         item: u64,
         /// The caller-encoded work item.
         payload: Vec<u8>,
     },
     /// Worker → coordinator: the outcome of an assigned item.
     Result {
+        /// The round, as in [`Wire::Assign`].
+        round: u64,
         /// The item's index, as in [`Wire::Assign`].
         item: u64,
         /// The executor's output, or its error in words.
@@ -24,12 +38,26 @@ pub enum Wire {
     },
     /// Either direction: "I am alive", every heartbeat interval.
     Heartbeat,
-    /// Coordinator → worker: every item has a result; exit normally.
+    /// Coordinator → worker: the job is over; exit normally.
     Done,
-    /// Coordinator → worker: the run failed (`reason`); exit with an error.
+    /// Coordinator → worker: the job failed (`reason`); exit with an error.
     Abort {
-        /// Why the run failed, in words.
+        /// Why the job failed, in words.
         reason: String,
+    },
+    /// Coordinator → worker: round `round` is over (it failed): drop the queued items of that
+    /// round and earlier ones without running them. The running item, if any, still finishes,
+    /// and its result is dropped by the coordinator.
+    Cancel {
+        /// The last round whose queued items are dropped.
+        round: u64,
+    },
+    /// Coordinator → worker: a state blob for the executor
+    /// ([`Executor::on_broadcast`](super::Executor::on_broadcast)), applied after the items
+    /// assigned before it and before those assigned after it.
+    Broadcast {
+        /// The caller-encoded state.
+        state: Vec<u8>,
     },
 }
 
@@ -41,12 +69,14 @@ mod tests {
     #[test]
     fn every_variant_round_trips() {
         let msgs = [
-            Wire::Assign { item: 7, payload: vec![1, 2, 3] },
-            Wire::Result { item: 7, result: Ok(vec![9; 100]) },
-            Wire::Result { item: 8, result: Err("out of memory".into()) },
+            Wire::Assign { round: 3, item: 7, payload: vec![1, 2, 3] },
+            Wire::Result { round: 3, item: 7, result: Ok(vec![9; 100]) },
+            Wire::Result { round: 1, item: 8, result: Err("out of memory".into()) },
             Wire::Heartbeat,
             Wire::Done,
             Wire::Abort { reason: "item 3 failed".into() },
+            Wire::Cancel { round: 2 },
+            Wire::Broadcast { state: vec![5; 40] },
         ];
         for msg in msgs {
             let bytes = codec::encode(&msg).expect("encodes");

@@ -3,12 +3,17 @@
 //! The executor moves into `spawn_blocking` with the item and comes back with the result as a
 //! message, so the actor's mailbox stays free while an item runs: assignments queue up, and the
 //! heartbeat interval keeps ticking even when `execute` takes seconds.
+//!
+//! Rounds are nearly invisible here: an item carries its round number, which goes back with its
+//! result; `Cancel` drops the queued items of a failed round. A broadcast state is queued like an
+//! item, so the executor applies it after the items assigned before it and before later ones.
+//! The executor (and whatever it caches) lives as long as the worker: across rounds.
 
-use std::{collections::VecDeque, panic::AssertUnwindSafe, time::Duration};
+use std::{collections::VecDeque, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{coordinator::CoordinatorMsg, peer::LinkMsg, Executor};
 use crate::membership::MemberKey;
@@ -27,15 +32,17 @@ pub(crate) enum Sink {
 }
 
 impl Sink {
-    fn result(&self, item: u64, result: Result<Vec<u8>, String>) {
+    fn result(&self, round: u64, item: u64, result: Result<Vec<u8>, String>) {
         let sent = match self {
-            Sink::Coordinator { coordinator, key } => {
-                coordinator.send_message(CoordinatorMsg::Result { key: *key, item, result }).is_ok()
+            Sink::Coordinator { coordinator, key } => coordinator
+                .send_message(CoordinatorMsg::Result { key: *key, round, item, result })
+                .is_ok(),
+            Sink::Link(link) => {
+                link.send_message(LinkMsg::WorkerResult { round, item, result }).is_ok()
             }
-            Sink::Link(link) => link.send_message(LinkMsg::WorkerResult { item, result }).is_ok(),
         };
         if !sent {
-            debug!(item, "result dropped: its receiver is gone");
+            debug!(round, item, "result dropped: its receiver is gone");
         }
     }
 
@@ -49,27 +56,50 @@ impl Sink {
     }
 }
 
+/// One queued piece of work.
+enum Task {
+    /// An item of round `round`.
+    Item { round: u64, item: u64, payload: Vec<u8> },
+    /// A state blob for [`Executor::on_broadcast`].
+    Broadcast(Arc<Vec<u8>>),
+}
+
+/// What the blocking thread did.
+pub(crate) enum Outcome {
+    /// An item's result.
+    Item { round: u64, item: u64, result: Result<Vec<u8>, String> },
+    /// [`Executor::on_broadcast`]'s verdict.
+    Broadcast(Result<(), String>),
+}
+
 /// Messages of the worker actor.
 pub(crate) enum WorkerMsg {
     /// Run this item (queued behind the running one).
     Assign {
-        /// Item index.
+        /// The item's round.
+        round: u64,
+        /// Item index within its round.
         item: u64,
         /// Its payload.
         payload: Vec<u8>,
     },
-    /// The blocking thread finished an item and hands the executor back.
+    /// Hand this state to the executor, in order with the items.
+    Broadcast(Arc<Vec<u8>>),
+    /// Drop the queued items of rounds up to this one.
+    Cancel {
+        /// The last cancelled round.
+        round: u64,
+    },
+    /// The blocking thread finished a task and hands the executor back.
     Executed {
-        /// Item index.
-        item: u64,
-        /// The executor's outcome.
-        result: Result<Vec<u8>, String>,
-        /// The executor, for the next item.
+        /// What it did.
+        outcome: Outcome,
+        /// The executor, for the next task.
         executor: Box<dyn Executor>,
     },
     /// Time to send a heartbeat.
     Beat,
-    /// The run is over: stop.
+    /// The job is over: stop.
     Done,
 }
 
@@ -84,11 +114,14 @@ pub(crate) struct WorkerArgs {
 /// State of a worker actor.
 pub(crate) struct WorkerState {
     name: String,
-    /// `None` while an item runs on the blocking thread.
+    /// `None` while a task runs on the blocking thread.
     executor: Option<Box<dyn Executor>>,
     /// The executor's read-ahead hook, if it has one.
     prefetch: Option<super::Prefetcher>,
-    queue: VecDeque<(u64, Vec<u8>)>,
+    queue: VecDeque<Task>,
+    /// Why the executor refused the last broadcast state, if it did: every item fails with it
+    /// until a later broadcast is accepted (it would compute on a stale state).
+    refused_state: Option<String>,
     sink: Sink,
     beats: JoinHandle<()>,
 }
@@ -113,6 +146,7 @@ impl Actor for Worker {
             prefetch: args.executor.prefetcher(),
             executor: Some(args.executor),
             queue: VecDeque::new(),
+            refused_state: None,
             sink: args.sink,
             beats,
         })
@@ -134,24 +168,46 @@ impl Actor for Worker {
         state: &mut WorkerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            WorkerMsg::Assign { item, payload } => {
-                debug!(worker = %state.name, item, "item queued");
+            WorkerMsg::Assign { round, item, payload } => {
+                debug!(worker = %state.name, round, item, "item queued");
                 // Busy: let the executor start on this item's inputs while it waits.
                 if state.executor.is_none() || !state.queue.is_empty() {
                     if let Some(prefetch) = &state.prefetch {
                         prefetch(&payload);
                     }
                 }
-                state.queue.push_back((item, payload));
+                state.queue.push_back(Task::Item { round, item, payload });
             }
-            WorkerMsg::Executed { item, result, executor } => {
-                debug!(worker = %state.name, item, ok = result.is_ok(), "item executed");
+            WorkerMsg::Broadcast(blob) => {
+                debug!(worker = %state.name, bytes = blob.len(), "broadcast state queued");
+                state.queue.push_back(Task::Broadcast(blob));
+            }
+            WorkerMsg::Cancel { round: last } => {
+                let before = state.queue.len();
+                state.queue.retain(|t| !matches!(t, Task::Item { round, .. } if *round <= last));
+                let dropped = before - state.queue.len();
+                debug!(worker = %state.name, round = last, dropped, "round cancelled");
+            }
+            WorkerMsg::Executed { outcome, executor } => {
                 state.executor = Some(executor);
-                state.sink.result(item, result);
+                match outcome {
+                    Outcome::Item { round, item, result } => {
+                        debug!(worker = %state.name, round, item, ok = result.is_ok(), "item executed");
+                        state.sink.result(round, item, result);
+                    }
+                    Outcome::Broadcast(Ok(())) => {
+                        debug!(worker = %state.name, "broadcast state applied");
+                        state.refused_state = None;
+                    }
+                    Outcome::Broadcast(Err(e)) => {
+                        warn!(worker = %state.name, error = %e, "the executor refused the broadcast state; its items will fail");
+                        state.refused_state = Some(e);
+                    }
+                }
             }
             WorkerMsg::Beat => state.sink.heartbeat(),
             WorkerMsg::Done => {
-                myself.stop(Some("run finished".into()));
+                myself.stop(Some("job finished".into()));
                 return Ok(());
             }
         }
@@ -160,35 +216,52 @@ impl Actor for Worker {
     }
 }
 
-/// Starts the next queued item if the executor is free.
+/// Starts the next queued task if the executor is free.
 fn start_next(myself: &ActorRef<WorkerMsg>, state: &mut WorkerState) {
-    if state.executor.is_none() {
-        return;
-    }
-    let Some((item, payload)) = state.queue.pop_front() else {
-        return;
-    };
-    let Some(mut executor) = state.executor.take() else {
-        return;
-    };
-    let me = myself.clone();
-    let blocking = tokio::task::spawn_blocking(move || {
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| executor.execute(&payload)))
-            .unwrap_or_else(|panic| Err(format!("executor panicked: {}", panic_text(&*panic))));
-        (result, executor)
-    });
-    tokio::spawn(async move {
-        match blocking.await {
-            Ok((result, executor)) => {
-                let _ = me.send_message(WorkerMsg::Executed { item, result, executor });
-            }
-            // Only when the runtime shuts down (the panic itself is caught above).
-            Err(e) => debug!(item, error = %e, "blocking task ended without a result"),
+    while state.executor.is_some() {
+        let Some(task) = state.queue.pop_front() else {
+            return;
+        };
+        if let (Task::Item { round, item, .. }, Some(refused)) = (&task, &state.refused_state) {
+            let error = format!("the executor refused the last broadcast state: {refused}");
+            state.sink.result(*round, *item, Err(error));
+            continue;
         }
-    });
+        let Some(mut executor) = state.executor.take() else {
+            return;
+        };
+        let me = myself.clone();
+        let blocking = tokio::task::spawn_blocking(move || {
+            let outcome = match task {
+                Task::Item { round, item, payload } => {
+                    let result = caught(|| executor.execute(&payload));
+                    Outcome::Item { round, item, result }
+                }
+                Task::Broadcast(blob) => {
+                    Outcome::Broadcast(caught(|| executor.on_broadcast(&blob)))
+                }
+            };
+            (outcome, executor)
+        });
+        tokio::spawn(async move {
+            match blocking.await {
+                Ok((outcome, executor)) => {
+                    let _ = me.send_message(WorkerMsg::Executed { outcome, executor });
+                }
+                // Only when the runtime shuts down (the panic itself is caught above).
+                Err(e) => debug!(error = %e, "blocking task ended without a result"),
+            }
+        });
+    }
 }
 
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+/// Runs `f`, turning a panic into an `Err` naming it.
+fn caught<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|panic| Err(format!("executor panicked: {}", panic_text(&*panic))))
+}
+
+pub(super) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {

@@ -78,7 +78,9 @@ use crate::codec::CodecError;
 pub const ALPN: &[u8] = b"fusion-bench/1";
 
 /// Version of the handshake and control protocol. Peers with a different version are refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2: the runtime's assignments and results carry a round number
+/// ([`crate::runtime::wire::Wire`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A DNS name every node certificate carries, so a process can connect to any member by address
 /// with this server name when it does not know (or trust DNS for) the member's host name.

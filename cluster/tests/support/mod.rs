@@ -3,7 +3,7 @@
 //! verdict of a bash harness.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::{io::Write, path::PathBuf, process::Child, sync::mpsc, thread, time::Duration};
 
 pub mod ring;
 pub mod runtime;
@@ -36,5 +36,35 @@ pub fn assert_harness_verdict(stdout: &str, ci: bool) {
             line("PASS:") || line("SKIP:"),
             "neither PASS nor SKIP from the harness:\n{stdout}"
         );
+    }
+}
+
+/// Fails the whole test binary if a test runs longer than `limit`: a run that never completes
+/// (an item lost for good, a missed `Done`) must fail, not hang. Disarmed when the returned
+/// sender is dropped.
+pub fn watchdog(test: &'static str, limit: Duration) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel::<()>();
+    thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            // Straight to stderr: libtest captures `eprintln!` in threads spawned by a test.
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test} still running after {limit:?}: it hangs; aborting the test binary"
+            );
+            std::process::exit(101);
+        }
+    });
+    tx
+}
+
+/// Kills leftover children when a test fails half-way.
+pub struct Reaper(pub Vec<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
