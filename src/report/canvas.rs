@@ -18,6 +18,14 @@ pub(crate) fn glyph(c: char) -> [u8; 7] {
         '-' => [0, 0, 0, 0x1F, 0, 0, 0],
         '_' => [0, 0, 0, 0, 0, 0, 0x1F],
         ' ' => [0; 7],
+        '/' => [0x01, 0x01, 0x02, 0x04, 0x08, 0x10, 0x10],
+        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
+        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
+        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
+        ',' => [0, 0, 0, 0, 0x0C, 0x04, 0x08],
+        '=' => [0, 0, 0x1F, 0, 0x1F, 0, 0],
+        '+' => [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0],
+        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
         'a' => [0x00, 0x00, 0x0E, 0x01, 0x0F, 0x11, 0x0F],
         'b' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1E],
         'c' => [0x00, 0x00, 0x0E, 0x10, 0x10, 0x11, 0x0E],
@@ -113,4 +121,32 @@ impl Canvas {
 
 pub(crate) fn text_width(s: &str) -> u32 {
     s.chars().count() as u32 * ADVANCE
+}
+
+/// About `n` evenly spaced "round" values (steps of 1, 2 or 5 × 10^k) covering [lo, hi], and the
+/// step between them.
+pub(crate) fn nice_ticks(lo: f64, hi: f64, n: usize) -> (Vec<f64>, f64) {
+    let span = if hi > lo { hi - lo } else { lo.abs().max(1.0) };
+    let raw = span / n.max(1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step =
+        [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    ((first..=last).map(|i| i as f64 * step).collect(), step)
+}
+
+/// `v` with as many decimals as the tick `step` needs (`0.25`, `100`, `1e-05` stays readable).
+pub(crate) fn tick_label(v: f64, step: f64) -> String {
+    if step < 1e-4 || v.abs() >= 1e6 {
+        return format!("{v:.1e}");
+    }
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    let s = format!("{v:.decimals$}");
+    // No "-0.00".
+    if s.trim_start_matches('-').chars().all(|c| c == '0' || c == '.') {
+        s.trim_start_matches('-').to_string()
+    } else {
+        s
+    }
 }

@@ -4,7 +4,9 @@
 
 mod canvas;
 pub mod heatmap;
+pub mod metrics_log;
 pub mod plot;
+pub mod tensorboard;
 
 use serde_json::Value;
 use std::path::Path;
