@@ -88,21 +88,34 @@ fn check(flavour: &str) {
     for (s, (o, t)) in os.iter().zip(ts).enumerate() {
         for (a, b) in o["tasks"].as_array().unwrap().iter().zip(t["tasks"].as_array().unwrap()) {
             assert_eq!(a["task"], b["task"]);
-            assert_eq!(a["indices"], b["indices"], "step {s}, task {}: FusionBench's batch", b["task"]);
+            assert_eq!(
+                a["indices"], b["indices"],
+                "step {s}, task {}: FusionBench's batch",
+                b["task"]
+            );
             let (x, y) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
-            assert!((x - y).abs() <= 1e-5 * y.abs(), "step {s} task {}: loss {x} vs {y}", b["task"]);
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs(),
+                "step {s} task {}: loss {x} vs {y}",
+                b["task"]
+            );
             batches += 1;
         }
         let (ol, tl) = (o["lambda"].as_array().unwrap(), t["lambda"].as_array().unwrap());
         assert_eq!(ol.len(), tl.len());
         for (k, (x, y)) in ol.iter().zip(tl).enumerate() {
             let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
-            let zero_gradient = flavour == "layer_wise" && names[k % names.len()].ends_with("k_proj.bias");
+            let zero_gradient =
+                flavour == "layer_wise" && names[k % names.len()].ends_with("k_proj.bias");
             if zero_gradient {
                 let bound = lr * (s + 1) as f64 * 1.0001;
                 assert!((x - 0.3).abs() <= bound && (y - 0.3).abs() <= bound, "step {s} λ[{k}]");
             } else {
-                assert!((x - y).abs() <= LAMBDA_TOL, "step {s}: λ[{k}] ({}) {x} vs FusionBench's {y}", names[k % names.len()]);
+                assert!(
+                    (x - y).abs() <= LAMBDA_TOL,
+                    "step {s}: λ[{k}] ({}) {x} vs FusionBench's {y}",
+                    names[k % names.len()]
+                );
             }
             entries += 1;
         }
@@ -122,12 +135,70 @@ fn layer_wise_replays_fusionbench_batches_and_lambda() {
     check("layer_wise");
 }
 
-/// `fast_dev_run=true`: one step, FusionBench's one batch per task.
+/// `fast_dev_run=true`: one step of FusionBench's batches, one evaluation batch per task, and
+/// FusionBench's report of that.
 #[test]
 fn fast_dev_run_is_one_step() {
+    for flavour in ["task_wise", "layer_wise"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, report) = run(dir.path(), flavour, &["fast_dev_run=true".into()]);
+        let theirs = golden(&format!("{flavour}_fast_dev_run.trace.json"));
+        assert_eq!(ours["steps"].as_array().unwrap().len(), 1);
+        for (a, b) in ours["steps"][0]["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(theirs["steps"][0]["tasks"].as_array().unwrap())
+        {
+            assert_eq!(a["indices"], b["indices"], "{flavour}");
+        }
+        assert_same_report(&report, &golden(&format!("{flavour}_fast_dev_run.report.json")));
+    }
+}
+
+/// FusionBench's own saved merging weights (task-wise: an `nn.Parameter`; layer-wise: a plain
+/// `[8, 55]` tensor) and a list of floats, through `method.weights=`: FusionBench's reports.
+#[test]
+fn fusionbench_weights_files_give_fusionbench_reports() {
     let dir = tempfile::tempdir().unwrap();
-    let (ours, _) = run(dir.path(), "task_wise", &["fast_dev_run=true".into(), "taskpool=dummy".into()]);
-    let theirs = golden("task_wise_fast_dev_run.trace.json");
-    assert_eq!(ours["steps"].as_array().unwrap().len(), 1);
-    assert_eq!(ours["steps"][0]["tasks"][0]["indices"], theirs["steps"][0]["tasks"][0]["indices"]);
+    let g = root().join("tests/fixtures/golden/fusionbench_adamerging");
+    for (flavour, weights, golden_report) in [
+        (
+            "task_wise",
+            g.join("task_wise.merging_weights.pt").display().to_string(),
+            "task_wise_weights_pt.report.json",
+        ),
+        (
+            "layer_wise",
+            g.join("layer_wise.merging_weights.pt").display().to_string(),
+            "layer_wise_weights_pt.report.json",
+        ),
+        (
+            "task_wise",
+            "[0.3,0.3,0.3,0.3,0.3,0.3,0.3,0.3]".to_string(),
+            "task_wise_weights_list.report.json",
+        ),
+    ] {
+        let report = dir.path().join("r.json");
+        let out = Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
+            .args([
+                "method=adamerging/clip".to_string(),
+                format!("method.name=clip_{flavour}_adamerging"),
+                format!("method.weights={weights}"),
+                "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8".into(),
+                "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8".into(),
+                "fabric.accelerator=cpu".into(),
+                "print_config=false".into(),
+                format!("path.cache_dir={}", dir.path().join("cache").display()),
+                format!("report_save_path={}", report.display()),
+            ])
+            .env("HF_HOME", root().join("tests/fixtures/hf_home"))
+            .env("RUST_LOG", "warn")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let ours = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        assert_same_report(&ours, &golden(golden_report));
+    }
 }

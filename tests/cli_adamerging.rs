@@ -53,7 +53,11 @@ fn torch_load(path: &Path) -> (Vec<usize>, String, Vec<u32>) {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let mut lines = text.lines();
     let shape = lines.next().unwrap().trim_matches(|c| c == '[' || c == ']').to_string();
-    let shape = shape.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
+    let shape = shape
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
     let dtype = lines.next().unwrap().to_string();
     let bits = lines.next().unwrap_or("").split_whitespace().map(|v| v.parse().unwrap()).collect();
     (shape, dtype, bits)
@@ -79,11 +83,15 @@ fn task_wise_saves_weights_torch_reads_and_method_weights_reproduces_the_report(
     extra.push("method.max_steps=3".into());
     extra.push(format!("report_save_path={}", dir.path().join("trained.json").display()));
     run(dir.path(), &args(TASK_WISE, &extra));
-    let saved = dir.path().join("outputs/clip-vit-base-patch32_TA8_task_wise_adamerging_weights.pt");
+    let saved =
+        dir.path().join("outputs/clip-vit-base-patch32_TA8_task_wise_adamerging_weights.pt");
     let (shape, dtype, bits) = torch_load(&saved);
     assert_eq!((shape, dtype.as_str()), (vec![8], "torch.float32"));
     let lambda: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
-    assert!(lambda.iter().all(|&l| l != 0.3 && (l - 0.3).abs() < 0.01), "3 Adam steps of lr 1e-3 from 0.3: {lambda:?}");
+    assert!(
+        lambda.iter().all(|&l| l != 0.3 && (l - 0.3).abs() < 0.01),
+        "3 Adam steps of lr 1e-3 from 0.3: {lambda:?}"
+    );
     // The second stage of the seed's recipe: the saved weights, no adaptation.
     let line = TASK_WISE.replace(
         "method.save_merging_weights=outputs/clip-vit-base-patch32_TA8_task_wise_adamerging_weights.pt",
@@ -106,9 +114,13 @@ fn layer_wise_writes_under_the_loggers_log_dir() {
     extra.push("taskpool=dummy".into());
     run(dir.path(), &args(LAYER_WISE, &extra));
     let saved =
-        dir.path().join("outputs/logs/ViT-B-32/clip_layer_wise_adamerging_adam/version_0/merging_weights.pt");
+        dir.path().join("outputs/logs/ViT-B-32/clip_layer_wise_adamerging_adam/merging_weights.pt");
     let (shape, dtype, _) = torch_load(&saved);
-    assert_eq!((shape, dtype.as_str()), (vec![8, 55], "torch.float32"), "3 layers: 5 + 3·16 + 2 tensors");
+    assert_eq!(
+        (shape, dtype.as_str()),
+        (vec![8, 55], "torch.float32"),
+        "3 layers: 5 + 3·16 + 2 tensors"
+    );
 }
 
 /// λ after `steps` steps of the layer-wise run, saved to `out`.
@@ -118,7 +130,13 @@ fn layer_wise(dir: &Path, steps: u64, out: &str, extra: &[&str]) -> Command {
     a.push("taskpool=dummy".into());
     a.push("+method.checkpoint_every_steps=1".into());
     a.extend(extra.iter().map(|s| s.to_string()));
-    let line = LAYER_WISE.replace("method.save_merging_weights=merging_weights.pt", &format!("method.save_merging_weights=/{}", dir.join(out).display().to_string().trim_start_matches('/')));
+    let line = LAYER_WISE.replace(
+        "method.save_merging_weights=merging_weights.pt",
+        &format!(
+            "method.save_merging_weights=/{}",
+            dir.join(out).display().to_string().trim_start_matches('/')
+        ),
+    );
     command(dir, &args(&line, &a))
 }
 
@@ -137,11 +155,12 @@ fn a_killed_or_stopped_run_resumes_to_the_same_lambda() {
         let state_dir = dir.path().join("cache/tta");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
         loop {
-            let step = std::fs::read_dir(&state_dir).ok().and_then(|mut d| d.next()).and_then(|e| {
-                let text = std::fs::read_to_string(e.ok()?.path()).ok()?;
-                let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-                v["step"].as_u64()
-            });
+            let step =
+                std::fs::read_dir(&state_dir).ok().and_then(|mut d| d.next()).and_then(|e| {
+                    let text = std::fs::read_to_string(e.ok()?.path()).ok()?;
+                    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+                    v["step"].as_u64()
+                });
             if step.is_some_and(|s| s >= 2) {
                 break;
             }
@@ -149,7 +168,10 @@ fn a_killed_or_stopped_run_resumes_to_the_same_lambda() {
             assert!(std::time::Instant::now() < deadline, "no checkpoint appeared");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
         let status = child.wait().unwrap();
         if signal == "TERM" {
             assert_eq!(status.code(), Some(143), "SIGTERM: checkpoint, then exit 143");
@@ -158,6 +180,9 @@ fn a_killed_or_stopped_run_resumes_to_the_same_lambda() {
         let out = layer_wise(dir.path(), steps, "resumed.pt", &[]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let (_, _, resumed) = torch_load(&dir.path().join("resumed.pt"));
-        assert_eq!(resumed, full, "SIG{signal}, restarted: λ bit-identical to the uninterrupted run");
+        assert_eq!(
+            resumed, full,
+            "SIG{signal}, restarted: λ bit-identical to the uninterrupted run"
+        );
     }
 }

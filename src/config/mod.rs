@@ -26,8 +26,8 @@ pub use error::ConfigError;
 pub use node::{Map, Node};
 pub use overrides::{CfgKind, CliArgs};
 pub use program::{
-    warn_unknown_keys, DatasetSpec, FabricConfig, LoggersConfig, MethodConfig, ModelPoolConfig, ModelSpec,
-    PathConfig, ProgramConfig, Section, TaskPoolConfig, TaskPoolKind, ValidationSplit,
+    warn_unknown_keys, DatasetSpec, FabricConfig, LoggersConfig, MethodConfig, ModelPoolConfig,
+    ModelSpec, PathConfig, ProgramConfig, Section, TaskPoolConfig, TaskPoolKind, ValidationSplit,
 };
 
 use interpolate::Context;

@@ -147,7 +147,12 @@ mod tests {
                 .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
             match text.lines().find_map(|l| l.trim().strip_prefix("_target_:")) {
                 Some(target) => {
-                    assert_eq!(target.trim().rsplit('.').next(), Some(e.class), "{}", path.display())
+                    assert_eq!(
+                        target.trim().rsplit('.').next(),
+                        Some(e.class),
+                        "{}",
+                        path.display()
+                    )
                 }
                 // A v0.1 config, chosen by its option (and its `name`).
                 None => assert!(text.lines().any(|l| l.starts_with("name:")), "{}", path.display()),

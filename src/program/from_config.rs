@@ -102,10 +102,10 @@ pub fn prefetch(_: &ProgramConfig) -> Result<()> {
 pub fn run_config(cfg: &ProgramConfig, launch: &Launch) -> Result<Option<serde_json::Value>> {
     let hub = Hub::default();
     let ctx = methods::Context {
-                log_dir: cfg.path.log_dir.clone(),
-                seed: cfg.seed,
-                fast_dev_run: cfg.fast_dev_run,
-            };
+        log_dir: cfg.path.log_dir.clone(),
+        seed: cfg.seed,
+        fast_dev_run: cfg.fast_dev_run,
+    };
     let method = methods::build(&cfg.method, &ctx)?;
     let mut pool = ModelPool::from_config(&cfg.modelpool, &hub)?;
     let Some(plan) = eval_plan(cfg)? else {

@@ -156,7 +156,8 @@ impl TaskSet {
     /// decoded-image cache when present, else decoded now (in parallel).
     pub fn pixels(&self, t: usize, indices: &[usize]) -> Result<Tensor> {
         let task = &self.tasks[t];
-        let (h, w) = (self.processor.crop_size.height as i64, self.processor.crop_size.width as i64);
+        let (h, w) =
+            (self.processor.crop_size.height as i64, self.processor.crop_size.width as i64);
         let values = match &task.cached {
             Some(c) => c.batch_indices(indices, &self.processor),
             None => {

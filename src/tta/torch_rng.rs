@@ -140,8 +140,9 @@ mod tests {
         let _g = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
         for (seed, n) in [(42u64, 1usize), (42, 2), (7, 17), (3_000_000_123, 100), (1, 1300)] {
             tch::manual_seed(seed as i64);
-            let theirs = Vec::<i64>::try_from(Tensor::randperm(n as i64, (Kind::Int64, Device::Cpu)))
-                .expect("randperm values");
+            let theirs =
+                Vec::<i64>::try_from(Tensor::randperm(n as i64, (Kind::Int64, Device::Cpu)))
+                    .expect("randperm values");
             let ours: Vec<i64> =
                 TorchGenerator::seeded(seed).randperm(n).into_iter().map(|v| v as i64).collect();
             assert_eq!(ours, theirs, "seed {seed}, n {n}");

@@ -144,7 +144,9 @@ impl AdaMergingConfig {
             Some(Node::Str(p)) if !p.is_empty() => Some(p.clone()),
             Some(Node::Bool(false)) | Some(Node::Null) | None => None,
             Some(Node::Str(_)) => None,
-            Some(other) => bail!("method.save_merging_weights must be a path, found {}", other.kind()),
+            Some(other) => {
+                bail!("method.save_merging_weights must be a path, found {}", other.kind())
+            }
         };
         Ok(Self {
             granularity,
@@ -236,7 +238,8 @@ pub fn load_weights(spec: &WeightsSpec, shape: &[usize]) -> Result<Vec<f32>> {
             (s, v, p.display().to_string())
         }
     };
-    let compatible = found_shape == shape || (found_shape.len() == 1 && found_shape[0] == want && shape.len() == 1);
+    let compatible = found_shape == shape
+        || (found_shape.len() == 1 && found_shape[0] == want && shape.len() == 1);
     if !compatible {
         bail!(
             "{origin}: merging weights of shape {found_shape:?}, but this pool and method need {shape:?} ({} models{})",
@@ -270,7 +273,10 @@ mod tests {
         assert_eq!(save_path("m.pt", Granularity::LayerWise, log), log.join("m.pt"));
         assert_eq!(save_path("./m.pt", Granularity::LayerWise, log), PathBuf::from("./m.pt"));
         assert_eq!(save_path("/a/m.pt", Granularity::LayerWise, log), PathBuf::from("/a/m.pt"));
-        assert_eq!(save_path("outputs/m.pt", Granularity::TaskWise, log), PathBuf::from("outputs/m.pt"));
+        assert_eq!(
+            save_path("outputs/m.pt", Granularity::TaskWise, log),
+            PathBuf::from("outputs/m.pt")
+        );
     }
 
     #[test]
@@ -279,7 +285,8 @@ mod tests {
         assert_eq!(ok, vec![0.3; 4]);
         let e = load_weights(&WeightsSpec::Values(vec![0.3; 3]), &[4]).unwrap_err().to_string();
         assert!(e.contains("[3]") && e.contains("[4]"), "{e}");
-        let e = load_weights(&WeightsSpec::Values(vec![0.3, f32::NAN]), &[2]).unwrap_err().to_string();
+        let e =
+            load_weights(&WeightsSpec::Values(vec![0.3, f32::NAN]), &[2]).unwrap_err().to_string();
         assert!(e.contains("#1") && e.contains("NaN"), "{e}");
         let e = load_weights(&WeightsSpec::Values(vec![0.3; 8]), &[2, 4]).unwrap_err().to_string();
         assert!(e.contains("[2, 4]"), "{e}");

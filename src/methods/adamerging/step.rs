@@ -109,7 +109,8 @@ impl StepExecutor {
                 }
             })
             .collect::<Result<_>>()?;
-        let grad = merge::project(&self.inputs, &grads, &item.lambda, self.granularity, self.clamp)?;
+        let grad =
+            merge::project(&self.inputs, &grads, &item.lambda, self.granularity, self.clamp)?;
         Ok(StepResult { loss: loss.double_value(&[]) as f32, grad })
     }
 }

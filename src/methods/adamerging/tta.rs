@@ -18,31 +18,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::Tensor;
 
-/// The log directory of a training run, as FusionBench's TensorBoard logger makes it:
-/// `fabric.loggers.root_dir/name/version_N` (root `path.log_dir`, `N` the next free version
-/// unless `fabric.loggers.version` names one).
+/// The log directory of a training run, as FusionBench's TensorBoard logger makes it
+/// (Lightning's rules, [`crate::report::metrics_log::resolve_log_dir`]): `fabric.loggers.root_dir`
+/// (default `path.log_dir`), then `name` and `version` when not empty; a null `version` is the
+/// next free `version_N`.
 pub fn log_dir(program: &ProgramConfig) -> PathBuf {
+    use crate::report::metrics_log::{resolve_log_dir, LogVersion};
     let l = &program.fabric.loggers;
     let root = l
         .root_dir
         .clone()
         .or_else(|| program.path.log_dir.clone())
         .unwrap_or_else(|| "outputs/logs".into());
-    let mut dir = PathBuf::from(root);
-    if let Some(name) = l.name.as_deref().filter(|n| !n.is_empty()) {
-        dir.push(name);
-    }
-    match l.version.as_deref().filter(|v| !v.is_empty()) {
-        Some(v) if v.parse::<u64>().is_ok() => dir.join(format!("version_{v}")),
-        Some(v) => dir.join(v),
-        None => {
-            let mut n = 0;
-            while dir.join(format!("version_{n}")).exists() {
-                n += 1;
-            }
-            dir.join(format!("version_{n}"))
-        }
-    }
+    let version = match l.version.as_deref() {
+        None => LogVersion::Next,
+        Some(v) => v.parse::<i64>().map(LogVersion::Number).unwrap_or(LogVersion::Named(v.into())),
+    };
+    resolve_log_dir(Path::new(&root), l.name.as_deref(), &version)
 }
 
 /// What a checkpoint of the loop holds.
@@ -66,7 +58,10 @@ fn seed_of(program: &ProgramConfig) -> u64 {
             .map(|d| d.as_nanos() as u64 ^ (std::process::id() as u64) << 32)
             .unwrap_or(0)
             % (1 << 31);
-        tracing::info!(seed = s, "no `seed` given: shuffling with a fresh one (pass seed={s} to repeat this run)");
+        tracing::info!(
+            seed = s,
+            "no `seed` given: shuffling with a fresh one (pass seed={s} to repeat this run)"
+        );
         s
     })
 }
@@ -157,7 +152,10 @@ pub fn adapt(
     let hidden = ctx.pool.config().encoder.hidden_size as usize;
     let skip = crate::tta::loaders::fusionbench_draws_before_tta(inputs.tasks(), hidden)
         .unwrap_or_else(|| {
-            tracing::warn!(hidden, "hidden size below 16: the shuffles do not replay FusionBench's");
+            tracing::warn!(
+                hidden,
+                "hidden size below 16: the shuffles do not replay FusionBench's"
+            );
             0
         });
     let key = run_key(c, &set, ctx.program, seed);
@@ -170,18 +168,26 @@ pub fn adapt(
     let adam_cfg = AdamConfig::with_lr(c.lr);
     let fresh = || {
         let n: usize = shape.iter().product();
-        (0u64, vec![c.init_values; n], Adam::new(adam_cfg, &shape_i64), Loaders::new(seed, skip, &lens, c.batch_size))
+        (
+            0u64,
+            vec![c.init_values; n],
+            Adam::new(adam_cfg, &shape_i64),
+            Loaders::new(seed, skip, &lens, c.batch_size),
+        )
     };
-    let (mut step, mut lambda, mut adam, mut loaders) = match state_file.as_deref().map(read_state) {
+    let (mut step, mut lambda, mut adam, mut loaders) = match state_file.as_deref().map(read_state)
+    {
         // A checkpoint of this run, at or before the last step asked for (a longer run's
         // later state would not be this run's result).
-        Some(Ok(Some(s))) if s.run == key && s.step <= c.max_steps => match Adam::restore(adam_cfg, &shape_i64, &s.adam) {
-            Some(adam) => {
-                tracing::info!(step = s.step, file = ?state_file, "resuming test-time adaptation from its checkpoint");
-                (s.step, s.lambda, adam, s.loaders)
+        Some(Ok(Some(s))) if s.run == key && s.step <= c.max_steps => {
+            match Adam::restore(adam_cfg, &shape_i64, &s.adam) {
+                Some(adam) => {
+                    tracing::info!(step = s.step, file = ?state_file, "resuming test-time adaptation from its checkpoint");
+                    (s.step, s.lambda, adam, s.loaders)
+                }
+                None => fresh(),
             }
-            None => fresh(),
-        },
+        }
         Some(Err(e)) => {
             tracing::warn!(error = %e, "ignoring an unreadable test-time adaptation checkpoint");
             fresh()
@@ -189,8 +195,13 @@ pub fn adapt(
         _ => fresh(),
     };
     let names = set.names();
-    let mut executor =
-        StepExecutor::new(inputs.clone(), set, ctx.pool.config().clone(), c.granularity, c.clamp_weights);
+    let mut executor = StepExecutor::new(
+        inputs.clone(),
+        set,
+        ctx.pool.config().clone(),
+        c.granularity,
+        c.clamp_weights,
+    );
     let bar = crate::progress::bar("adamerging", c.max_steps as usize, "steps");
     bar.inc(step);
     let every_steps = c.checkpoint_every_steps;
@@ -199,6 +210,11 @@ pub fn adapt(
     let mut param = Tensor::from_slice(&lambda).view(shape_i64.as_slice());
     let stop = crate::sweep::stop_on_signals()?;
     let mut trace = Vec::new();
+    // FusionBench's per-step scalars (`train/loss` is the last task's loss), as TensorBoard
+    // events and Lightning's metrics.csv in the logger's directory.
+    let mut metrics = crate::report::metrics_log::MetricsLogger::new(log_dir)
+        .with_context(|| format!("opening the training logs in {}", log_dir.display()))?;
+    let mut losses: Vec<(i64, f64)> = Vec::new();
     tracing::info!(tasks = ?names, shape = ?shape, steps = c.max_steps, batch_size = c.batch_size, seed, log_dir = %log_dir.display(), "test-time adaptation");
     while step < c.max_steps {
         let items: Vec<StepItem> = (0..names.len())
@@ -237,6 +253,14 @@ pub fn adapt(
         bar.set_message(format!("loss {loss:.4} λ [{lo:.4}, {hi:.4}]"));
         bar.inc(1);
         tracing::debug!(step, loss, weight_min = lo, weight_max = hi, weight_mean = mean, "step");
+        let logged = [
+            ("train/loss", loss as f64),
+            ("train/weight_max", hi as f64),
+            ("train/weight_min", lo as f64),
+            ("train/weight_mean", (mean as f32) as f64),
+        ];
+        metrics.log(step as i64 - 1, &logged)?;
+        losses.push((step as i64 - 1, loss as f64));
         let due = step % every_steps == 0 || last_save.elapsed() >= every || step == c.max_steps;
         let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
         if let (Some(file), true) = (&state_file, due || stopping) {
@@ -249,6 +273,7 @@ pub fn adapt(
                 seed,
             };
             write_state(file, &state)?;
+            metrics.save()?;
             last_save = std::time::Instant::now();
         }
         if stopping {
@@ -258,6 +283,27 @@ pub fn adapt(
         }
     }
     bar.finish_and_clear();
+    metrics.finish()?;
+    if !losses.is_empty() {
+        let (steps, values): (Vec<i64>, Vec<f64>) = losses.into_iter().unzip();
+        let png = log_dir.join("train_loss.png");
+        crate::report::plot::plot_loss(
+            &png,
+            &steps,
+            &values,
+            "adamerging: entropy of the last task",
+        )?;
+    }
+    if c.granularity == super::Granularity::LayerWise {
+        let png = log_dir.join("merging_weights.png");
+        crate::report::heatmap::plot_lambda_heatmap(
+            &png,
+            &names,
+            inputs.params(),
+            &lambda,
+            "layer-wise adamerging: lambda",
+        )?;
+    }
     if let Some(path) = &c.trace_path {
         let doc = serde_json::json!({
             "format": "fusionbench-adamerging-trace/1",
@@ -281,7 +327,8 @@ pub fn adapt(
 fn read_state(path: &Path) -> Result<Option<State>> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?,
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", path.display()))?,
         )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
