@@ -59,7 +59,27 @@ pub struct Launch {
     pub wait: Option<Duration>,
 }
 
+/// The address a coordinator of this process actually bound (`--serve HOST:0` picks a free
+/// port): a later phase of the same run (evaluation after test-time adaptation) listens there
+/// again, where the workers already are.
+static BOUND: std::sync::Mutex<Option<SocketAddr>> = std::sync::Mutex::new(None);
+
 impl Launch {
+    /// Records the address a coordinator of this process bound for `--serve`.
+    pub fn remember_bound(addr: SocketAddr) {
+        *BOUND.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+    }
+
+    /// Where this process coordinates: `--serve`, with port 0 replaced by the port an earlier
+    /// phase of the run bound ([`Self::remember_bound`]).
+    pub fn serve_addr(&self) -> Option<SocketAddr> {
+        let serve = self.serve?;
+        match *BOUND.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(bound) if serve.port() == 0 || serve.port() == bound.port() => Some(bound),
+            _ => Some(serve),
+        }
+    }
+
     /// This process alone.
     pub fn local() -> Self {
         Self::default()

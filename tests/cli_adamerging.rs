@@ -186,3 +186,161 @@ fn a_killed_or_stopped_run_resumes_to_the_same_lambda() {
         );
     }
 }
+
+/// The layer-wise run's arguments for the distributed tests: `steps` steps, a trace and a report
+/// in `dir` under `tag`.
+fn dist_args(dir: &Path, steps: u64, tag: &str) -> Vec<String> {
+    let mut a = common(dir);
+    a.extend([
+        "method=adamerging/clip".to_string(),
+        "method.name=clip_layer_wise_adamerging".into(),
+        "method.save_merging_weights=null".into(),
+        "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8".into(),
+        "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8".into(),
+        "taskpool.dataloader_kwargs.batch_size=16".into(),
+        format!("method.max_steps={steps}"),
+        "+method.checkpoint_every_steps=1".into(),
+        format!("+method.trace_path={}", dir.join(format!("{tag}.trace.json")).display()),
+        format!("report_save_path={}", dir.join(format!("{tag}.json")).display()),
+    ]);
+    a
+}
+
+fn quiet(mut c: Command) -> Command {
+    c.env("OMP_NUM_THREADS", "1").env("FUSION_BENCH_FAST_TIMEOUTS", "1").env("RUST_BACKTRACE", "0");
+    c
+}
+
+/// One coordinator (`--serve`, also computing) and two workers (`--join`), optionally killing
+/// one worker (SIGKILL) once the run has checkpointed step 3. Returns the λ trace's steps and
+/// the report's bytes.
+fn three_processes(dir: &Path, steps: u64, kill_one: bool) -> (serde_json::Value, Vec<u8>) {
+    use std::io::{BufRead, BufReader};
+    let job = dir.join("job");
+    let mut a = dist_args(dir, steps, "coord");
+    a.extend([
+        "--serve".into(),
+        "127.0.0.1:0".into(),
+        "--min-workers".into(),
+        "2".into(),
+        "--wait".into(),
+        "10".into(),
+        "--job-dir".into(),
+        job.display().to_string(),
+    ]);
+    let mut coord = quiet(command(dir, &a))
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = coord.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the coordinator says where it listens");
+        if line.contains("coordinator listening") {
+            if let Some(a) = line.split_whitespace().find_map(|w| w.strip_prefix("addr=")) {
+                break a.to_string();
+            }
+        }
+    };
+    let mut workers: Vec<_> = (0..2)
+        .map(|i| {
+            let wdir = dir.join(format!("w{i}"));
+            std::fs::create_dir_all(&wdir).unwrap();
+            // The same command line as the coordinator's (the job id comes from the config).
+            let mut a = dist_args(dir, steps, "coord");
+            a.extend([
+                "--join".into(),
+                addr.clone(),
+                "--node-name".into(),
+                format!("w{i}"),
+                "--job-dir".into(),
+                job.display().to_string(),
+            ]);
+            let log = std::fs::File::create(wdir.join("stderr.log")).unwrap();
+            quiet(command(dir, &a))
+                .env("RUST_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    if kill_one {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            let step = std::fs::read_dir(dir.join("cache/tta"))
+                .ok()
+                .and_then(|mut d| d.next())
+                .and_then(|e| {
+                    let v: serde_json::Value =
+                        serde_json::from_str(&std::fs::read_to_string(e.ok()?.path()).ok()?)
+                            .ok()?;
+                    v["step"].as_u64()
+                });
+            if step.is_some_and(|s| s >= 3) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no checkpoint appeared");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        workers[0].kill().unwrap();
+    }
+    let status = coord.wait().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(status.success(), "coordinator: {status}\n{}", rest.join("\n"));
+    for (i, w) in workers.iter_mut().enumerate() {
+        let s = w.wait().unwrap();
+        if !(kill_one && i == 0) {
+            let log = std::fs::read_to_string(dir.join(format!("w{i}/stderr.log")))
+                .unwrap_or_default()
+                + &std::fs::read_to_string(dir.join(format!("w{i}/stdout.log")))
+                    .unwrap_or_default();
+            assert!(s.success(), "worker {i}: {s}\n{log}");
+        }
+    }
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("coord.trace.json")).unwrap())
+            .unwrap();
+    (trace["steps"].clone(), std::fs::read(dir.join("coord.json")).unwrap())
+}
+
+#[test]
+fn three_processes_give_the_single_process_lambda_and_report_also_with_a_worker_killed() {
+    let steps = 40;
+    let single = tempfile::tempdir().unwrap();
+    let out =
+        quiet(command(single.path(), &dist_args(single.path(), steps, "coord"))).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let trace: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(single.path().join("coord.trace.json")).unwrap(),
+    )
+    .unwrap();
+    let report = std::fs::read(single.path().join("coord.json")).unwrap();
+    for kill in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (steps_seen, bytes) = three_processes(dir.path(), steps, kill);
+        assert_eq!(steps_seen.as_array().map(Vec::len), Some(steps as usize));
+        for (s, (a, b)) in steps_seen
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(trace["steps"].as_array().unwrap())
+            .enumerate()
+        {
+            assert_eq!(a["lambda"], b["lambda"], "kill={kill}: λ after step {s}, bit for bit");
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            String::from_utf8_lossy(&report),
+            "kill={kill}: the report"
+        );
+    }
+}

@@ -10,6 +10,10 @@ pub struct Dummy;
 impl Method for Dummy {
     fn run(&self, ctx: &RunContext<'_>) -> Result<Merged> {
         let pool = ctx.pool;
-        Ok(Merged { weights: pool.load_pretrained_or_first()?, trainable: true })
+        Ok(Merged {
+            weights: pool.load_pretrained_or_first()?,
+            trainable: true,
+            workers_done: false,
+        })
     }
 }

@@ -28,6 +28,10 @@ pub struct Merged {
     /// Whether its parameters count as trainable in the report's `model_info` (FusionBench's
     /// merged `nn.Module`s keep `requires_grad=True`).
     pub trainable: bool,
+    /// Set on a `--join` worker of a training method once its part is done: the coordinator
+    /// evaluates the result on its own devices (a worker has no final λ to evaluate with), so
+    /// the worker exits.
+    pub workers_done: bool,
 }
 
 /// A model-merging method.
@@ -46,6 +50,9 @@ pub struct RunContext<'a> {
     pub hub: &'a crate::hub::Hub,
     /// The composed program config.
     pub program: &'a crate::config::ProgramConfig,
+    /// This process's role in a cluster (`--serve`, `--join`, or alone): a training method runs
+    /// its steps on the cluster's workers.
+    pub launch: &'a crate::launch::Launch,
 }
 
 /// What a method may need from the program besides its own config section.

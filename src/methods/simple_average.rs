@@ -23,6 +23,6 @@ impl Method for SimpleAverage {
             }
             Ok(sum / t)
         })?;
-        Ok(Merged { weights, trainable: true })
+        Ok(Merged { weights, trainable: true, workers_done: false })
     }
 }

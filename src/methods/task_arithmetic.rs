@@ -65,7 +65,7 @@ impl Method for TaskArithmetic {
             }
             Ok(out)
         })?;
-        Ok(Merged { weights, trainable: true })
+        Ok(Merged { weights, trainable: true, workers_done: false })
     }
 }
 

@@ -138,6 +138,6 @@ impl Method for TaskVectorCosSimilarity {
             tracing::warn!("no output_path and no path.log_dir: the heatmap is not drawn");
         }
         let weights = pool.merge_per_tensor(|n, _| base.get(n))?;
-        Ok(Merged { weights, trainable: true })
+        Ok(Merged { weights, trainable: true, workers_done: false })
     }
 }

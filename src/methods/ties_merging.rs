@@ -266,7 +266,7 @@ impl Method for TiesMerging {
                 Ok(fixed)
             },
         )?;
-        Ok(Merged { weights, trainable: true })
+        Ok(Merged { weights, trainable: true, workers_done: false })
     }
 }
 

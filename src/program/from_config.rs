@@ -115,7 +115,7 @@ pub fn run_config(cfg: &ProgramConfig, launch: &Launch) -> Result<Option<serde_j
             pool.stream_merged_to(&dir.join("model.safetensors"));
         }
         let t0 = std::time::Instant::now();
-        method.run(&methods::RunContext { pool: &pool, hub: &hub, program: cfg })?;
+        method.run(&methods::RunContext { pool: &pool, hub: &hub, program: cfg, launch })?;
         tracing::info!(seconds = t0.elapsed().as_secs_f64(), "method done");
         match &save_to {
             Some(dir) => {
@@ -127,15 +127,20 @@ pub fn run_config(cfg: &ProgramConfig, launch: &Launch) -> Result<Option<serde_j
         return Ok(None);
     };
     let t0 = std::time::Instant::now();
-    let merged = method.run(&methods::RunContext { pool: &pool, hub: &hub, program: cfg })?;
+    let merged =
+        method.run(&methods::RunContext { pool: &pool, hub: &hub, program: cfg, launch })?;
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), "method done");
+    if merged.workers_done && launch.join.is_some() {
+        tracing::info!("the coordinator evaluates the trained model: this worker is done");
+        return Ok(None);
+    }
     tracing::info!(cache = %hub.cache().display(), model = %plan.model, base = %plan.base_model, "evaluating");
     if let Some(addr) = launch.join {
         let name = launch.worker_name();
         super::run_worker(&plan, &hub, &pool, &merged, addr, &name, &launch.options_for(cfg))?;
         return Ok(None);
     }
-    let distribution = match launch.serve {
+    let distribution = match launch.serve_addr().filter(|_| !merged.workers_done) {
         Some(listen) => Distribution::Serve { listen, options: Box::new(launch.options_for(cfg)) },
         None => Distribution::Local,
     };

@@ -216,8 +216,10 @@ impl CellExecutor {
             let pool = ModelPool::from_config(&cfg.modelpool, &self.hub)?;
             let plan = eval_plan(cfg)?.context("a cell without a task pool is never shared out")?;
             let t0 = std::time::Instant::now();
-            let merged =
-                method.run(&methods::RunContext { pool: &pool, hub: &self.hub, program: cfg })?;
+            let alone = crate::launch::Launch::local();
+            let ctx =
+                methods::RunContext { pool: &pool, hub: &self.hub, program: cfg, launch: &alone };
+            let merged = method.run(&ctx)?;
             tracing::info!(cell = index, seconds = t0.elapsed().as_secs_f64(), "method done");
             let evaluator = program::PartEvaluator::new(&plan, &self.hub, &pool, &merged)?;
             self.merged = Some(MergedCell { cell: index, evaluator });

@@ -76,7 +76,7 @@ impl TorchGenerator {
     /// `n ≥ 16`: 16 at a time, the last block recomputed when `n` is not a multiple of 16);
     /// `None` for `n < 16`, whose serial path this module does not model.
     pub fn randn_draws(n: u64) -> Option<u64> {
-        (n >= 16).then_some(if n % 16 == 0 { n } else { n + 16 })
+        (n >= 16).then_some(if n.is_multiple_of(16) { n } else { n + 16 })
     }
 
     /// `CPUGeneratorImpl::random64()`: two outputs, the first in the high half.

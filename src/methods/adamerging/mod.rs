@@ -166,7 +166,7 @@ impl AdaMergingConfig {
             },
             trace_path: s.get::<String>("trace_path")?.filter(|p| !p.is_empty()).map(PathBuf::from),
             checkpoint_every_seconds: match s.get::<f64>("checkpoint_every_seconds")? {
-                Some(x) if !(x > 0.0) => {
+                Some(x) if x.is_nan() || x <= 0.0 => {
                     bail!("method.checkpoint_every_seconds must be positive, got {x}")
                 }
                 x => x.unwrap_or(300.0),
@@ -198,6 +198,15 @@ impl Method for AdaMerging {
                 tracing::info!(shape = ?shape, "method.weights given: test-time adaptation skipped");
                 lambda
             }
+            None if ctx.launch.join.is_some() => {
+                let addr = ctx.launch.join.context("a coordinator address")?;
+                tta::work(c, &inputs, ctx, addr)?;
+                return Ok(Merged {
+                    weights: crate::weights::WeightMap::new(),
+                    trainable: false,
+                    workers_done: true,
+                });
+            }
             None => {
                 let log_dir = tta::log_dir(ctx.program);
                 let lambda = tta::adapt(c, &inputs, ctx, &log_dir)?;
@@ -210,7 +219,7 @@ impl Method for AdaMerging {
             }
         };
         let weights = merge::merge(&inputs, &lambda, c.granularity, c.clamp_weights)?;
-        Ok(Merged { weights, trainable: false })
+        Ok(Merged { weights, trainable: false, workers_done: ctx.launch.serve.is_some() })
     }
 }
 

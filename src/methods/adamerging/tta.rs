@@ -195,7 +195,7 @@ pub fn adapt(
         _ => fresh(),
     };
     let names = set.names();
-    let mut executor = StepExecutor::new(
+    let executor = StepExecutor::new(
         inputs.clone(),
         set,
         ctx.pool.config().clone(),
@@ -216,6 +216,20 @@ pub fn adapt(
         .with_context(|| format!("opening the training logs in {}", log_dir.display()))?;
     let mut losses: Vec<(i64, f64)> = Vec::new();
     tracing::info!(tasks = ?names, shape = ?shape, steps = c.max_steps, batch_size = c.batch_size, seed, log_dir = %log_dir.display(), "test-time adaptation");
+    let (listen, options) = match ctx.launch.serve_addr() {
+        Some(addr) => (Some(addr), ctx.launch.options_for(ctx.program)),
+        None => (None, fusion_cluster::runtime::ClusterOptions::new("local", std::env::temp_dir())),
+    };
+    let job_name = options.job_id.clone();
+    let (outcome, summary) = fusion_cluster::runtime::run_job(
+        vec![Box::new(executor)],
+        listen,
+        &options,
+        |addr| {
+            crate::launch::Launch::remember_bound(addr);
+            tracing::info!(%addr, job = %job_name, "coordinator listening: workers join with --join")
+        },
+        |job| -> Result<Vec<f32>> {
     while step < c.max_steps {
         let items: Vec<StepItem> = (0..names.len())
             .map(|t| StepItem {
@@ -225,8 +239,16 @@ pub fn adapt(
                 lambda: lambda.clone(),
             })
             .collect();
-        let results: Vec<StepResult> =
-            items.iter().map(|it| executor.run(it)).collect::<Result<_>>()?;
+        let encoded = items
+            .iter()
+            .map(fusion_cluster::codec::encode)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let round = job.round(encoded).with_context(|| format!("step {step}"))?;
+        let results: Vec<StepResult> = round
+            .results
+            .iter()
+            .map(|r| fusion_cluster::codec::decode(r))
+            .collect::<std::result::Result<_, _>>()?;
         // λ.grad accumulates the tasks' gradients in task order (float32), as backward() does.
         let mut grad = results[0].grad.clone();
         for r in &results[1..] {
@@ -278,11 +300,18 @@ pub fn adapt(
         }
         if stopping {
             bar.finish_and_clear();
+            job.abort("the coordinator was stopped by a signal (checkpointed; rerun to resume)");
             tracing::warn!(step, of = c.max_steps, checkpoint = ?state_file, "signal received: checkpointed; the same command resumes from here");
             std::process::exit(143);
         }
     }
     bar.finish_and_clear();
+    Ok(lambda.clone())
+        },
+    )
+    .context("test-time adaptation")?;
+    let lambda = outcome?;
+    tracing::info!(rounds = summary.rounds.len(), workers = ?summary.per_worker, lost = summary.lost.len(), "test-time adaptation done");
     metrics.finish()?;
     if !losses.is_empty() {
         let (steps, values): (Vec<i64>, Vec<f64>) = losses.into_iter().unzip();
@@ -340,4 +369,35 @@ fn write_state(path: &Path, state: &State) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     crate::report::write_atomic(path, &serde_json::to_vec(state)?)
+}
+
+/// A worker's side of the adaptation (`--join`): computes the step items the coordinator hands
+/// out until it releases this worker. The coordinator then evaluates the final model on its own
+/// devices.
+pub fn work(
+    c: &AdaMergingConfig,
+    inputs: &Arc<Inputs>,
+    ctx: &RunContext<'_>,
+    coordinator: std::net::SocketAddr,
+) -> Result<()> {
+    let set = task_set(ctx, inputs)?;
+    let executor = StepExecutor::new(
+        inputs.clone(),
+        set,
+        ctx.pool.config().clone(),
+        c.granularity,
+        c.clamp_weights,
+    );
+    let name = ctx.launch.worker_name();
+    let summary = fusion_cluster::runtime::run_worker(
+        coordinator,
+        &name,
+        Box::new(executor),
+        &ctx.launch.options_for(ctx.program),
+    )
+    .with_context(|| {
+        format!("test-time adaptation: worker `{name}` of the coordinator at {coordinator}")
+    })?;
+    tracing::info!(items = summary.executed, "test-time adaptation: worker done");
+    Ok(())
 }
