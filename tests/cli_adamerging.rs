@@ -344,3 +344,66 @@ fn three_processes_give_the_single_process_lambda_and_report_also_with_a_worker_
         );
     }
 }
+
+/// `fabric.devices=2`: two local workers share each step's items; λ is the one-worker λ, bit for
+/// bit.
+#[test]
+fn two_local_devices_give_the_one_device_lambda() {
+    let run_with = |devices: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = dist_args(dir.path(), 8, "run");
+        a.push(format!("fabric.devices={devices}"));
+        let out = quiet(command(dir.path(), &a)).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let t: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("run.trace.json")).unwrap(),
+        )
+        .unwrap();
+        (t["steps"].clone(), std::fs::read(dir.path().join("run.json")).unwrap())
+    };
+    let (one, r1) = run_with("1");
+    let (two, r2) = run_with("2");
+    assert_eq!(one.as_array().map(Vec::len), Some(8));
+    assert_eq!(one, two);
+    assert_eq!(r1, r2);
+}
+
+/// Bad settings and weights files fail before any work, naming the key or the file.
+#[test]
+fn bad_input_is_refused_with_the_key_or_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = |extra: &[&str], needle: &str| {
+        let mut a = common(dir.path());
+        a.extend([
+            "method=adamerging/clip".to_string(),
+            "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8".into(),
+            "taskpool=dummy".into(),
+        ]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let out = command(dir.path(), &a).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(err.contains(needle), "{extra:?}: the error should name `{needle}`:\n{err}");
+    };
+    bad(&["method.max_steps=0"], "method.max_steps");
+    bad(&["method.lr=0"], "method.lr");
+    bad(&["method.lr=-1e-3"], "method.lr");
+    bad(&["method.batch_size=0"], "method.batch_size");
+    bad(&["method.name=clip_nope_adamerging"], "clip_nope_adamerging");
+    bad(&["method.optimizer=sgd"], "method.optimizer");
+    // A task-wise [8] file for a layer-wise run: the shapes and the file are named.
+    let pt =
+        root().join("tests/fixtures/golden/fusionbench_adamerging/task_wise.merging_weights.pt");
+    let w = format!("method.weights={}", pt.display());
+    bad(&["method.name=clip_layer_wise_adamerging", &w], "task_wise.merging_weights.pt");
+    bad(&["method.name=clip_layer_wise_adamerging", &w], "[8, 55]");
+    bad(&["method.name=clip_task_wise_adamerging", "method.weights=[0.3,0.3]"], "[8]");
+    let missing = format!("method.weights={}", dir.path().join("nope.pt").display());
+    bad(&["method.name=clip_task_wise_adamerging", &missing], "nope.pt");
+    let txt = dir.path().join("w.txt");
+    std::fs::write(&txt, "0.3").unwrap();
+    bad(
+        &["method.name=clip_task_wise_adamerging", &format!("method.weights={}", txt.display())],
+        "w.txt",
+    );
+}

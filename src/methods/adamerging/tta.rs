@@ -195,13 +195,10 @@ pub fn adapt(
         _ => fresh(),
     };
     let names = set.names();
-    let executor = StepExecutor::new(
-        inputs.clone(),
-        set,
-        ctx.pool.config().clone(),
-        c.granularity,
-        c.clamp_weights,
-    );
+    let local: Vec<Box<dyn fusion_cluster::runtime::Executor>> = executors(c, inputs, ctx, set)?
+        .into_iter()
+        .map(|e| Box::new(e) as Box<dyn fusion_cluster::runtime::Executor>)
+        .collect();
     let bar = crate::progress::bar("adamerging", c.max_steps as usize, "steps");
     bar.inc(step);
     let every_steps = c.checkpoint_every_steps;
@@ -222,7 +219,7 @@ pub fn adapt(
     };
     let job_name = options.job_id.clone();
     let (outcome, summary) = fusion_cluster::runtime::run_job(
-        vec![Box::new(executor)],
+        local,
         listen,
         &options,
         |addr| {
@@ -381,13 +378,7 @@ pub fn work(
     coordinator: std::net::SocketAddr,
 ) -> Result<()> {
     let set = task_set(ctx, inputs)?;
-    let executor = StepExecutor::new(
-        inputs.clone(),
-        set,
-        ctx.pool.config().clone(),
-        c.granularity,
-        c.clamp_weights,
-    );
+    let executor = executors(c, inputs, ctx, set)?.into_iter().next().context("a device")?;
     let name = ctx.launch.worker_name();
     let summary = fusion_cluster::runtime::run_worker(
         coordinator,
@@ -400,4 +391,35 @@ pub fn work(
     })?;
     tracing::info!(items = summary.executed, "test-time adaptation: worker done");
     Ok(())
+}
+
+/// One step executor per device of `fabric.devices` (`fabric.accelerator`), sharing the task
+/// set's data and the mapped checkpoints. Every executor computes an item the same way, so the
+/// λ trajectory does not depend on how many there are (CPU executors keep this process's
+/// intra-op thread count; FusionBench's DDP instead shards each batch over the devices with a
+/// `DistributedSampler`, which changes its batches: not reproduced).
+fn executors(
+    c: &AdaMergingConfig,
+    inputs: &Arc<Inputs>,
+    ctx: &RunContext<'_>,
+    set: TaskSet,
+) -> Result<Vec<StepExecutor>> {
+    let accelerator = ctx.program.fabric.accelerator.parse()?;
+    let devices = crate::device::Devices::from_node(&ctx.program.fabric.devices)?;
+    let chosen = crate::device::select_all(accelerator, &devices)?;
+    let mut out = Vec::with_capacity(chosen.len());
+    let config = ctx.pool.config().clone();
+    for &d in &chosen[1..] {
+        let set = set.replicate(d)?;
+        out.push(StepExecutor::new(
+            inputs.clone(),
+            set,
+            config.clone(),
+            c.granularity,
+            c.clamp_weights,
+        ));
+    }
+    let first = if chosen[0] == set.device { set } else { set.replicate(chosen[0])? };
+    out.insert(0, StepExecutor::new(inputs.clone(), first, config, c.granularity, c.clamp_weights));
+    Ok(out)
 }
