@@ -223,8 +223,10 @@ fn three_processes(dir: &Path, steps: u64, kill_one: bool) -> (serde_json::Value
         "127.0.0.1:0".into(),
         "--min-workers".into(),
         "2".into(),
+        // How long the job waits for both workers before starting (it starts as soon as they
+        // joined; the evaluation after the adaptation runs on the coordinator alone).
         "--wait".into(),
-        "10".into(),
+        "60".into(),
         "--job-dir".into(),
         job.display().to_string(),
     ]);

@@ -88,6 +88,9 @@ fn weight(lambda: &[f32], g: Granularity, params: usize, i: usize, j: usize, cla
 
 const CHUNK: usize = 1 << 14;
 
+/// Tensors up to this many elements are merged and projected in the calling thread.
+const PARALLEL_ABOVE: usize = 1 << 17;
+
 /// θ(λ) in FusionBench's float32 order, as a map of fresh CPU tensors in `named_parameters()`
 /// order.
 pub fn merge(inputs: &Inputs, lambda: &[f32], g: Granularity, clamp: bool) -> Result<WeightMap> {
@@ -101,7 +104,7 @@ pub fn merge(inputs: &Inputs, lambda: &[f32], g: Granularity, clamp: bool) -> Re
             (0..inputs.tasks()).map(|i| weight(lambda, g, params, i, j, clamp)).collect();
         let mut t = crate::methods::pool::output_tensor(shape);
         let values = crate::methods::pool::output_values(&mut t);
-        values.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let fill = |(c, out): (usize, &mut [f32])| {
             let at = c * CHUNK;
             let b = &base[at..at + out.len()];
             out.copy_from_slice(b);
@@ -112,7 +115,14 @@ pub fn merge(inputs: &Inputs, lambda: &[f32], g: Granularity, clamp: bool) -> Re
                     *o += (x - b) * w;
                 }
             }
-        });
+        };
+        // Small tensors in this thread: a parallel pass would cost more than the work (and
+        // would compete with libtorch's spinning intra-op threads).
+        if values.len() <= PARALLEL_ABOVE {
+            values.chunks_mut(CHUNK).enumerate().for_each(fill);
+        } else {
+            values.par_chunks_mut(CHUNK).enumerate().for_each(fill);
+        }
         if let Some((at, _)) = crate::weights::non_finite(&t) {
             bail!("adamerging: merged tensor `{name}` is not finite at flat index {at} (λ too large?)");
         }
@@ -140,21 +150,22 @@ pub fn project(
         }
         for (i, m) in inputs.models.iter().enumerate() {
             let theta = m.values(name)?;
-            dots[i][j] = grad
-                .par_chunks(CHUNK)
-                .enumerate()
-                .map(|(c, gs)| {
-                    let at = c * CHUNK;
-                    let (x, b) = (&theta[at..at + gs.len()], &base[at..at + gs.len()]);
-                    let mut acc = 0f64;
-                    for ((&gk, &x), &b) in gs.iter().zip(x).zip(b) {
-                        acc += ((x - b) as f64) * gk as f64;
-                    }
-                    acc
-                })
-                .collect::<Vec<f64>>()
-                .into_iter()
-                .sum();
+            let dot = |(c, gs): (usize, &[f32])| {
+                let at = c * CHUNK;
+                let (x, b) = (&theta[at..at + gs.len()], &base[at..at + gs.len()]);
+                let mut acc = 0f64;
+                for ((&gk, &x), &b) in gs.iter().zip(x).zip(b) {
+                    acc += ((x - b) as f64) * gk as f64;
+                }
+                acc
+            };
+            // Per-chunk sums added in chunk order either way: the same bits in both branches.
+            let sums: Vec<f64> = if grad.len() <= PARALLEL_ABOVE {
+                grad.chunks(CHUNK).enumerate().map(dot).collect()
+            } else {
+                grad.par_chunks(CHUNK).enumerate().map(dot).collect()
+            };
+            dots[i][j] = sums.into_iter().sum();
         }
     }
     let active = |i: usize, j: usize| {

