@@ -25,6 +25,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from bench_eval import new_repo  # noqa: E402  (the same fake-revision hub layout)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -62,18 +64,6 @@ def fb_overrides(hf_home, b32):
     if not b32:
         out.append(f"modelpool.test_datasets.svhn._args_=[{snap('ufldl-stanford/svhn')},cropped_digits]")
     return out
-
-
-def new_repo(hub, kind, repo_id):
-    import hashlib
-    rev = hashlib.sha1(f"bench/{kind}/{repo_id}".encode()).hexdigest()
-    d = os.path.join(hub, f"{kind}--{repo_id.replace('/', '--')}")
-    os.makedirs(os.path.join(d, "refs"), exist_ok=True)
-    with open(os.path.join(d, "refs", "main"), "w") as f:
-        f.write(rev)
-    snap = os.path.join(d, "snapshots", rev)
-    os.makedirs(snap, exist_ok=True)
-    return snap
 
 
 def make_b32_pool(work):
