@@ -298,3 +298,16 @@ mod tests {
         assert_eq!(cpu_thread_shares(8, 1), [8]);
     }
 }
+
+/// This process's resident memory in MiB as `(anonymous, file-backed)` (Linux's
+/// `/proc/self/status`; `None` elsewhere): what the memory figures of the logs and benchmarks
+/// report, mapped checkpoints counted apart from the memory the process owns.
+pub fn resident_mib() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |key: &str| {
+        status.lines().find_map(|l| {
+            l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+        })
+    };
+    Some((field("RssAnon:")? / 1024, field("RssFile:")? / 1024))
+}

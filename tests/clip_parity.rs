@@ -180,17 +180,33 @@ fn zeroshot_heads_are_cached_and_keyed_by_templates() {
     let cache = tempfile::tempdir().unwrap();
     let spec = task("mnist").unwrap().clone();
     let fresh = zeroshot::zeroshot_head(&clip, &tok, &spec);
-    let first =
-        zeroshot::cached_zeroshot_head(Some(cache.path()), &dir, &clip, &tok, "mnist", &spec);
+    let head = |spec: &fusion_bench::tasks::TaskSpec, loads: &std::cell::Cell<u32>| {
+        zeroshot::cached_zeroshot_head(
+            Some(cache.path()),
+            &dir,
+            Device::Cpu,
+            || {
+                loads.set(loads.get() + 1);
+                Ok(&clip)
+            },
+            &tok,
+            "mnist",
+            spec,
+        )
+        .unwrap()
+    };
+    let loads = std::cell::Cell::new(0);
+    let first = head(&spec, &loads);
     let files = || std::fs::read_dir(cache.path().join("zeroshot_heads")).unwrap().count();
     assert_eq!(files(), 1);
-    let second =
-        zeroshot::cached_zeroshot_head(Some(cache.path()), &dir, &clip, &tok, "mnist", &spec);
+    assert_eq!(loads.get(), 1, "a head not cached needs the model");
+    let second = head(&spec, &loads);
+    assert_eq!(loads.get(), 1, "a cached head must not load the base model");
     assert!(first.equal(&fresh) && second.equal(&fresh));
     let mut edited = spec.clone();
     edited.templates.push("a drawing of the digit {}.".into());
-    let other =
-        zeroshot::cached_zeroshot_head(Some(cache.path()), &dir, &clip, &tok, "mnist", &edited);
+    let other = head(&edited, &loads);
     assert_eq!(files(), 2, "an edited template list must not reuse the cached head");
+    assert_eq!(loads.get(), 2);
     assert!(!other.equal(&fresh));
 }

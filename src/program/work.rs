@@ -10,10 +10,10 @@
 use super::EvalPlan;
 use crate::data::cache::CropWriter;
 use crate::data::preprocess::normalize_batch;
-use crate::data::{ImageDataset, ImageProcessorConfig};
+use crate::data::ImageDataset;
 use crate::hub::Hub;
-use crate::models::clip::{ClipModel, ClipVision};
-use crate::tasks::set::{Task, TaskSet, TaskSetSpec};
+use crate::models::clip::ClipVision;
+use crate::tasks::set::{TaskSet, TaskSetSpec};
 use crate::tasks::{metrics::TaskMetrics, zeroshot};
 use anyhow::{Context, Result};
 use fusion_cluster::runtime::{Prefetcher, Shard, ShardLoader, ShardOptions};
@@ -116,17 +116,14 @@ pub type CacheWriters = Arc<Mutex<Vec<Option<CropWriter>>>>;
 
 /// Everything needed to evaluate any item of a plan: the model, the base CLIP, the tasks.
 pub struct Evaluator {
-    tasks: Vec<Task>,
+    /// The tasks, their data, heads and caches, and the base model's image head.
+    set: TaskSet,
     vision: ClipVision,
-    base: ClipModel,
-    base_dir: std::path::PathBuf,
     /// Intra-op threads of this worker, set before each item (libtorch's setting is per OS
     /// thread, and items may run on any of the runtime's threads).
     threads: usize,
-    processor: ImageProcessorConfig,
     batch_size: usize,
     fast_dev_run: bool,
-    device: Device,
     writers: CacheWriters,
     shards: Arc<Shards>,
     bar: indicatif::ProgressBar,
@@ -143,8 +140,9 @@ impl Evaluator {
             cache_dir: plan.cache_dir.as_deref(),
             crop_cache: plan.crop_cache.as_ref(),
         };
-        let TaskSet { base, base_dir, processor, tasks, .. } = TaskSet::load(&spec, hub, device)?;
-        let writers = tasks
+        let set = TaskSet::load(&spec, hub, device)?;
+        let writers = set
+            .tasks
             .iter()
             .map(|t| match (&t.cached, plan.fast_dev_run) {
                 (None, false) => plan.crop_cache.as_ref().and_then(|c| c.writer(&t.data)),
@@ -153,7 +151,8 @@ impl Evaluator {
             .collect();
         let shards = Arc::new(Shards {
             batch_size: plan.batch_size.max(1),
-            tasks: tasks
+            tasks: set
+                .tasks
                 .iter()
                 .map(|t| ShardSlot {
                     name: t.name.clone(),
@@ -163,15 +162,11 @@ impl Evaluator {
                 .collect(),
         });
         let mut ev = Self {
-            tasks,
+            set,
             vision,
-            base,
-            base_dir,
             threads: tch::get_num_threads().max(1) as usize,
-            processor,
             batch_size: plan.batch_size.max(1),
             fast_dev_run: plan.fast_dev_run,
-            device,
             writers: Arc::new(Mutex::new(writers)),
             shards,
             bar: indicatif::ProgressBar::hidden(),
@@ -185,29 +180,12 @@ impl Evaluator {
     /// loaded on that device): the tasks' data, decoded-image caches, crop-cache writers,
     /// dataset shards and progress bar are shared; the base model and heads live on `device`.
     pub fn replicate(&self, vision: ClipVision, device: Device) -> Result<Self> {
-        let base = ClipModel::load(&self.base_dir, device).with_context(|| {
-            format!("loading the task pool's base model from {}", self.base_dir.display())
-        })?;
-        let tasks = self
-            .tasks
-            .iter()
-            .map(|t| Task {
-                name: t.name.clone(),
-                data: t.data.clone(),
-                head: t.head.to_device(device),
-                cached: t.cached.clone(),
-            })
-            .collect();
         Ok(Self {
-            tasks,
+            set: self.set.replicate(device)?,
             vision,
-            base,
-            base_dir: self.base_dir.clone(),
             threads: self.threads,
-            processor: self.processor.clone(),
             batch_size: self.batch_size,
             fast_dev_run: self.fast_dev_run,
-            device,
             writers: self.writers.clone(),
             shards: self.shards.clone(),
             bar: self.bar.clone(),
@@ -216,7 +194,7 @@ impl Evaluator {
 
     /// The device this evaluator computes on.
     pub fn device(&self) -> Device {
-        self.device
+        self.set.device
     }
 
     /// Makes this worker use `n` intra-op threads.
@@ -226,7 +204,7 @@ impl Evaluator {
 
     /// The task names in plan order.
     pub fn task_names(&self) -> Vec<String> {
-        self.tasks.iter().map(|t| t.name.clone()).collect()
+        self.set.names()
     }
 
     /// The crop-cache writers, to publish with [`finish_caches`] after the run.
@@ -238,7 +216,7 @@ impl Evaluator {
     /// batch per item, in task then batch order.
     pub fn items(&self) -> Vec<EvalItem> {
         let mut items = Vec::new();
-        for (t, task) in self.tasks.iter().enumerate() {
+        for (t, task) in self.set.tasks.iter().enumerate() {
             let n = task.data.len();
             let batches = n.div_ceil(self.batch_size) as u64;
             let batches = if self.fast_dev_run { batches.min(1) } else { batches };
@@ -250,7 +228,7 @@ impl Evaluator {
     }
 
     fn examples(&self, item: &EvalItem) -> usize {
-        let n = self.tasks[item.task as usize].data.len();
+        let n = self.set.tasks[item.task as usize].data.len();
         let start = (item.first_batch as usize * self.batch_size).min(n);
         let end = ((item.first_batch + item.batches) as usize * self.batch_size).min(n);
         end - start
@@ -259,16 +237,18 @@ impl Evaluator {
     /// Evaluates one item.
     pub fn run(&mut self, item: &EvalItem) -> Result<Vec<BatchResult>> {
         let _guard = tch::no_grad_guard();
-        if self.device == Device::Cpu {
+        let device = self.set.device;
+        if device == Device::Cpu {
             tch::set_num_threads(self.threads as i32);
         }
+        let processor = &self.set.processor;
         let t = item.task as usize;
-        let task = self
-            .tasks
-            .get(t)
-            .with_context(|| format!("work item for task #{t}, which the plan does not have"))?;
+        let task =
+            self.set.tasks.get(t).with_context(|| {
+                format!("work item for task #{t}, which the plan does not have")
+            })?;
         let n = task.data.len();
-        let size = (self.processor.crop_size.height as i64, self.processor.crop_size.width as i64);
+        let size = (processor.crop_size.height as i64, processor.crop_size.width as i64);
         let mut out = Vec::with_capacity(item.batches as usize);
         for b in item.first_batch..item.first_batch + item.batches {
             let start = b as usize * self.batch_size;
@@ -278,7 +258,7 @@ impl Evaluator {
             }
             let (pixels, labels) = match &task.cached {
                 Some(c) => {
-                    (c.batch(start..end, &self.processor), task.data.labels()[start..end].to_vec())
+                    (c.batch(start..end, processor), task.data.labels()[start..end].to_vec())
                 }
                 None => {
                     let labels = task.data.labels()[start..end].to_vec();
@@ -298,17 +278,16 @@ impl Evaluator {
                     if let Some(w) = writers[t].as_mut() {
                         w.write_at(start, &crops)?;
                     }
-                    (normalize_batch(&crops, end - start, &self.processor), labels)
+                    (normalize_batch(&crops, end - start, processor), labels)
                 }
             };
             let bsz = (end - start) as i64;
-            let x =
-                Tensor::from_slice(&pixels).view([bsz, 3, size.0, size.1]).to_device(self.device);
-            let y = Tensor::from_slice(&labels).to_device(self.device);
-            let feats = self.base.image_features(&self.vision, &x);
+            let x = Tensor::from_slice(&pixels).view([bsz, 3, size.0, size.1]).to_device(device);
+            let y = Tensor::from_slice(&labels).to_device(device);
+            let feats = self.set.base.image_features(&self.vision, &x);
             // Logits and loss on one thread: their float32 results depend on the thread count.
             let (loss, correct) = crate::device::single_threaded(|| {
-                let logits = zeroshot::logits(&feats, &task.head, &self.base.logit_scale);
+                let logits = zeroshot::logits(&feats, &task.head, &self.set.base.logit_scale);
                 let loss = logits.cross_entropy_for_logits(&y).double_value(&[]) as f32;
                 let correct =
                     logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);

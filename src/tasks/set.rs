@@ -1,6 +1,7 @@
-//! A task set: the tasks a program evaluates or adapts on, loaded once — the base CLIP (text
-//! tower, `visual_projection`, `logit_scale`), its preprocessing, and per task its dataset split,
-//! zero-shot head and, when the decoded-image cache holds it, its decoded crops.
+//! A task set: the tasks a program evaluates or adapts on, loaded once — the base CLIP's image
+//! head (`visual_projection`, `logit_scale`), its preprocessing, and per task its dataset split,
+//! zero-shot head and, when the decoded-image cache holds it, its decoded crops. The base
+//! model's text tower is loaded only while a zero-shot head that is not cached is computed.
 //!
 //! Evaluation builds one from the task pool (`taskpool.base_model`, `test_datasets`);
 //! test-time adaptation from the model pool (`_pretrained_`, the pool's `test_datasets` in model
@@ -11,7 +12,7 @@ use crate::data::cache::{CachedCrops, CropCache};
 use crate::data::preprocess::normalize_batch;
 use crate::data::{ImageDataset, ImageProcessorConfig};
 use crate::hub::{Hub, RepoType};
-use crate::models::clip::{ClipModel, ClipTokenizer};
+use crate::models::clip::{ClipImageHead, ClipModel, ClipTokenizer};
 use crate::program::DatasetRef;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -46,8 +47,8 @@ pub struct TaskSetSpec<'a> {
 
 /// Tasks, loaded.
 pub struct TaskSet {
-    /// The base CLIP on [`Self::device`].
-    pub base: ClipModel,
+    /// The base CLIP's image head on [`Self::device`].
+    pub base: ClipImageHead,
     /// Its checkpoint directory.
     pub base_dir: PathBuf,
     /// The preprocessing.
@@ -63,8 +64,19 @@ impl TaskSet {
     /// its classes) and zero-shot head, on `device`.
     pub fn load(spec: &TaskSetSpec<'_>, hub: &Hub, device: Device) -> Result<Self> {
         let base_dir = hub.resolve(spec.base_model, RepoType::Model, None)?;
-        let base = ClipModel::load(&base_dir, device)
+        let base = ClipImageHead::load(&base_dir, device)
             .with_context(|| format!("loading the base CLIP model `{}`", spec.base_model))?;
+        // The whole model, text tower included, only if a head has to be computed.
+        let whole = std::cell::OnceCell::new();
+        let clip = || -> Result<&ClipModel> {
+            if whole.get().is_none() {
+                let m = ClipModel::load(&base_dir, device).with_context(|| {
+                    format!("loading the base CLIP model `{}`", spec.base_model)
+                })?;
+                let _ = whole.set(m);
+            }
+            whole.get().context("the base CLIP model")
+        };
         let tokenizer = ClipTokenizer::from_dir(&base_dir)
             .with_context(|| format!("loading the tokenizer of {}", spec.base_model))?;
         let proc_dir = hub.resolve(spec.processor, RepoType::Model, None)?;
@@ -82,11 +94,13 @@ impl TaskSet {
             let head = zeroshot::cached_zeroshot_head(
                 spec.cache_dir,
                 &base_dir,
-                &base,
+                device,
+                clip,
                 &tokenizer,
                 name,
                 task,
-            );
+            )
+            .with_context(|| format!("task `{name}`: its zero-shot head"))?;
             let dir = hub.resolve_dataset(&ds.id)?;
             let data = ImageDataset::load(&dir, ds.config.as_deref(), &ds.split, processor.clone())
                 .with_context(|| {
@@ -96,14 +110,13 @@ impl TaskSet {
             let cached = spec.crop_cache.and_then(|c| c.open(&data)).map(Arc::new);
             tasks.push(Task { name: name.clone(), data: Arc::new(data), head, cached });
         }
+        drop(whole);
         Ok(Self { base, base_dir, processor, tasks, device })
     }
 
     /// The same tasks with the base model and heads on `device` (data and caches shared).
     pub fn replicate(&self, device: Device) -> Result<Self> {
-        let base = ClipModel::load(&self.base_dir, device).with_context(|| {
-            format!("loading the base CLIP model from {}", self.base_dir.display())
-        })?;
+        let base = self.base.to_device(device);
         let tasks = self
             .tasks
             .iter()

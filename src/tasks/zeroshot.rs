@@ -7,7 +7,7 @@ use crate::models::clip::{l2_normalize, ClipModel, ClipTokenizer};
 use crate::weights::{save_safetensors, SafetensorsFile, WeightMap, WeightSource};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The zero-shot head of `task` built with `clip`'s text tower, on `clip`'s device, on one
 /// intra-op thread (its numbers would otherwise depend on the thread count; see
@@ -45,25 +45,28 @@ pub fn logits(image_embeds: &Tensor, head: &Tensor, logit_scale: &Tensor) -> Ten
 /// templates and this program's version — so, unlike FusionBench's joblib cache, editing a
 /// template or replacing the checkpoint never returns a stale head. A cache that cannot be read
 /// or written is only a warning: the head is recomputed.
-pub fn cached_zeroshot_head(
+///
+/// `clip` gives the base model only when a head must be computed (loading its text tower is
+/// then the caller's cost, not every run's); a cached head is put on `device`.
+pub fn cached_zeroshot_head<'m>(
     cache_dir: Option<&Path>,
     base_dir: &Path,
-    clip: &ClipModel,
+    device: Device,
+    clip: impl FnOnce() -> anyhow::Result<&'m ClipModel>,
     tokenizer: &ClipTokenizer,
     task_name: &str,
     task: &TaskSpec,
-) -> Tensor {
+) -> anyhow::Result<Tensor> {
     let Some(file) = cache_dir.and_then(|d| cache_file(d, base_dir, task_name, task)) else {
-        return zeroshot_head(clip, tokenizer, task);
+        return Ok(zeroshot_head(clip()?, tokenizer, task));
     };
-    let device = clip.logit_scale.device();
     if let Ok(f) = SafetensorsFile::open(&file) {
         if let Ok(t) = f.tensor("head") {
             tracing::debug!(task = task_name, file = %file.display(), "zero-shot head from cache");
-            return t.to_device(device);
+            return Ok(t.to_device(device));
         }
     }
-    let head = zeroshot_head(clip, tokenizer, task);
+    let head = zeroshot_head(clip()?, tokenizer, task);
     let mut map = WeightMap::new();
     map.insert("head", head.shallow_clone());
     let saved = file
@@ -75,7 +78,7 @@ pub fn cached_zeroshot_head(
     if let Err(e) = saved {
         tracing::warn!(file = %file.display(), error = %e, "could not cache the zero-shot head");
     }
-    head
+    Ok(head)
 }
 
 fn cache_file(

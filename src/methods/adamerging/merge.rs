@@ -131,41 +131,64 @@ pub fn merge(inputs: &Inputs, lambda: &[f32], g: Granularity, clamp: bool) -> Re
     Ok(out)
 }
 
+/// `Σₖ gₖ (xₖ − bₖ)` in float64, over eight interleaved partial sums (so the loop vectorises)
+/// added in a fixed order: the same bits on every machine and thread count.
+fn dot_delta(g: &[f32], x: &[f32], b: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0f64; LANES];
+    let whole = g.len() - g.len() % LANES;
+    for ((g8, x8), b8) in g[..whole]
+        .chunks_exact(LANES)
+        .zip(x[..whole].chunks_exact(LANES))
+        .zip(b[..whole].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            acc[l] += ((x8[l] - b8[l]) as f64) * g8[l] as f64;
+        }
+    }
+    for (l, k) in (whole..g.len()).enumerate() {
+        acc[l] += ((x[k] - b[k]) as f64) * g[k] as f64;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
 /// `∂L/∂λ` (λ's shape, flattened) from `∂L/∂θ` (`grads[j]` for tensor `j`, flattened float32).
+///
+/// Each chunk of a tensor is read once for every model (θ₀ and the gradient stay in cache
+/// while the models stream past), and per-chunk sums are added in chunk order whether the
+/// chunks ran in parallel or not.
 pub fn project(
     inputs: &Inputs,
-    grads: &[Vec<f32>],
+    grads: &[&[f32]],
     lambda: &[f32],
     g: Granularity,
     clamp: bool,
 ) -> Result<Vec<f32>> {
     let (tasks, params) = (inputs.tasks(), inputs.params());
+    if grads.len() != params {
+        bail!("{} gradients for {params} parameter tensors", grads.len());
+    }
     // dots[i][j] = Σₖ gₖ (θᵢ − θ₀)ₖ over tensor j, in float64.
     let mut dots = vec![vec![0f64; params]; tasks];
     for (j, name) in inputs.names.iter().enumerate() {
         let base = inputs.base.values(name)?;
-        let grad = &grads[j];
+        let grad = grads[j];
         if grad.len() != base.len() {
             bail!("gradient of `{name}` has {} values, the tensor {}", grad.len(), base.len());
         }
-        for (i, m) in inputs.models.iter().enumerate() {
-            let theta = m.values(name)?;
-            let dot = |(c, gs): (usize, &[f32])| {
-                let at = c * CHUNK;
-                let (x, b) = (&theta[at..at + gs.len()], &base[at..at + gs.len()]);
-                let mut acc = 0f64;
-                for ((&gk, &x), &b) in gs.iter().zip(x).zip(b) {
-                    acc += ((x - b) as f64) * gk as f64;
-                }
-                acc
-            };
-            // Per-chunk sums added in chunk order either way: the same bits in both branches.
-            let sums: Vec<f64> = if grad.len() <= PARALLEL_ABOVE {
-                grad.chunks(CHUNK).enumerate().map(dot).collect()
-            } else {
-                grad.par_chunks(CHUNK).enumerate().map(dot).collect()
-            };
-            dots[i][j] = sums.into_iter().sum();
+        let thetas = inputs.models.iter().map(|m| m.values(name)).collect::<Result<Vec<_>>>()?;
+        let chunk = |(c, gs): (usize, &[f32])| -> Vec<f64> {
+            let at = c * CHUNK;
+            let b = &base[at..at + gs.len()];
+            thetas.iter().map(|theta| dot_delta(gs, &theta[at..at + gs.len()], b)).collect()
+        };
+        let sums: Vec<Vec<f64>> = if grad.len() <= PARALLEL_ABOVE {
+            grad.chunks(CHUNK).enumerate().map(chunk).collect()
+        } else {
+            grad.par_chunks(CHUNK).enumerate().map(chunk).collect()
+        };
+        for (i, row) in dots.iter_mut().enumerate() {
+            row[j] = sums.iter().map(|s| s[i]).sum();
         }
     }
     let active = |i: usize, j: usize| {
@@ -184,6 +207,18 @@ pub fn project(
             .map(|(i, j)| if active(i, j) { dots[i][j] as f32 } else { 0.0 })
             .collect(),
     })
+}
+
+/// The values of a contiguous CPU float32 tensor, borrowed.
+pub fn values_view(t: &Tensor) -> &[f32] {
+    assert!(t.kind() == tch::Kind::Float && t.is_contiguous() && t.device() == tch::Device::Cpu);
+    let n = t.numel();
+    if n == 0 {
+        return &[];
+    }
+    // SAFETY: a contiguous CPU float32 tensor of `n` elements; the slice borrows the handle, and
+    // nothing writes the tensor while it is read (callers read gradients after `backward`).
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, n) }
 }
 
 /// The flattened float32 values of a CPU tensor.
@@ -209,5 +244,17 @@ mod tests {
         assert_eq!(weight(&l, Granularity::LayerWise, 3, 1, 2, false), 0.9);
         assert_eq!(weight(&l, Granularity::LayerWise, 3, 0, 2, true), 0.0);
         assert_eq!(Granularity::LayerWise.shape(8, 55), vec![8, 55]);
+    }
+
+    #[test]
+    fn the_lane_dot_is_the_float64_dot_of_the_differences() {
+        for n in [0usize, 1, 7, 8, 9, 100, 1003] {
+            let g: Vec<f32> = (0..n).map(|k| ((k * 37 % 11) as f32 - 5.0) * 0.125).collect();
+            let x: Vec<f32> = (0..n).map(|k| (k % 13) as f32 * 0.5).collect();
+            let b: Vec<f32> = (0..n).map(|k| (k % 5) as f32 * 0.25).collect();
+            // Exactly representable products and sums: any order gives the same value.
+            let want: f64 = (0..n).map(|k| ((x[k] - b[k]) as f64) * g[k] as f64).sum();
+            assert_eq!(dot_delta(&g, &x, &b), want, "n = {n}");
+        }
     }
 }

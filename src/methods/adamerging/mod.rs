@@ -190,7 +190,9 @@ impl AdaMerging {
 impl Method for AdaMerging {
     fn run(&self, ctx: &RunContext<'_>) -> Result<Merged> {
         let c = &self.config;
+        tracing::debug!(rss = ?crate::device::resident_mib(), "adamerging starts");
         let inputs = std::sync::Arc::new(merge::Inputs::open(ctx.pool)?);
+        tracing::debug!(rss = ?crate::device::resident_mib(), "checkpoints opened");
         let shape = c.granularity.shape(inputs.tasks(), inputs.params());
         let lambda = match &c.weights {
             Some(spec) => {

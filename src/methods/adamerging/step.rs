@@ -14,7 +14,7 @@ use crate::weights::{Scope, WeightMap};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 /// Models below this many parameters adapt on one intra-op thread ([`StepExecutor::run`]).
 pub const SMALL_MODEL: i64 = 1 << 20;
@@ -92,7 +92,14 @@ impl StepExecutor {
         };
         if stale {
             self.merged = None;
+            let started = std::time::Instant::now();
             let map = merge::merge(&self.inputs, &item.lambda, self.granularity, self.clamp)?;
+            tracing::debug!(
+                step = item.step,
+                elapsed = ?started.elapsed(),
+                rss = ?crate::device::resident_mib(),
+                "θ(λ) merged"
+            );
             let mut leaves = WeightMap::new();
             for (name, t) in map.iter() {
                 leaves.insert(name, t.shallow_clone().set_requires_grad(true));
@@ -106,26 +113,43 @@ impl StepExecutor {
             let mut t = t.shallow_clone();
             t.zero_grad();
         }
+        let started = std::time::Instant::now();
         let indices: Vec<usize> = item.indices.iter().map(|&i| i as usize).collect();
         let x = self.tasks.pixels(t, &indices)?;
         let task = &self.tasks.tasks[t];
         let feats = self.tasks.base.image_features(vision, &x);
         let logits = zeroshot::logits(&feats, &task.head, &self.tasks.base.logit_scale);
         let loss = entropy_loss(&logits);
+        let forward = started.elapsed();
+        let rss_forward = crate::device::resident_mib();
         loss.backward();
-        let grads: Vec<Vec<f32>> = leaves
+        let backward = started.elapsed() - forward;
+        let cpu = self.tasks.device == tch::Device::Cpu;
+        let grads: Vec<Tensor> = leaves
             .iter()
             .map(|(name, t)| {
                 let g = t.grad();
-                if g.defined() {
-                    Ok(merge::values_of(&g.to_device(tch::Device::Cpu)))
-                } else {
+                if !g.defined() {
                     anyhow::bail!("no gradient reached `{name}`")
                 }
+                Ok(if cpu { g.contiguous() } else { g.to_device(tch::Device::Cpu).contiguous() })
             })
             .collect::<Result<_>>()?;
+        let grads: Vec<&[f32]> = grads.iter().map(merge::values_view).collect();
+        let copied = started.elapsed() - forward - backward;
         let grad =
             merge::project(&self.inputs, &grads, &item.lambda, self.granularity, self.clamp)?;
+        tracing::debug!(
+            step = item.step,
+            task = t,
+            ?forward,
+            ?backward,
+            ?copied,
+            projected = ?(started.elapsed() - forward - backward - copied),
+            ?rss_forward,
+            rss = ?crate::device::resident_mib(),
+            "step item"
+        );
         Ok(StepResult { loss: loss.double_value(&[]) as f32, grad })
     }
 }

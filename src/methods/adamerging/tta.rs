@@ -145,6 +145,7 @@ pub fn adapt(
     log_dir: &Path,
 ) -> Result<Vec<f32>> {
     let set = task_set(ctx, inputs)?;
+    tracing::debug!(rss = ?crate::device::resident_mib(), "task set loaded");
     let seed = seed_of(ctx.program);
     let shape = c.granularity.shape(inputs.tasks(), inputs.params());
     let shape_i64: Vec<i64> = shape.iter().map(|&d| d as i64).collect();

@@ -182,6 +182,57 @@ impl ClipModel {
     }
 }
 
+/// What classifying images needs of a CLIP beside its vision tower: `visual_projection` and
+/// `logit_scale` (a few hundred kilobytes, where the whole model with its text tower is
+/// hundreds of megabytes: evaluation and adaptation keep only this once the zero-shot heads
+/// exist).
+pub struct ClipImageHead {
+    /// `visual_projection.weight` `[proj, vision_hidden]`.
+    pub visual_projection: Tensor,
+    /// `logit_scale` (a scalar; logits use its exponential).
+    pub logit_scale: Tensor,
+}
+
+impl ClipImageHead {
+    /// Reads the two tensors of the checkpoint in `dir` onto `device`.
+    pub fn load(dir: &Path, device: Device) -> Result<Self, ModelError> {
+        let config = ClipConfig::from_file(&dir.join("config.json"))?;
+        let weights = CheckpointWeights::open(dir)?;
+        let s = Scope::new(&weights, device, Kind::Float);
+        let shape = [config.projection_dim, config.vision.encoder.hidden_size];
+        Ok(Self {
+            visual_projection: s.get("visual_projection.weight", &shape)?,
+            logit_scale: s.get("logit_scale", &[])?,
+        })
+    }
+
+    /// The same tensors of a loaded model (shallow handles).
+    pub fn of(clip: &ClipModel) -> Self {
+        Self {
+            visual_projection: clip.visual_projection.shallow_clone(),
+            logit_scale: clip.logit_scale.shallow_clone(),
+        }
+    }
+
+    /// A copy on `device`.
+    pub fn to_device(&self, device: Device) -> Self {
+        Self {
+            visual_projection: self.visual_projection.to_device(device),
+            logit_scale: self.logit_scale.to_device(device),
+        }
+    }
+
+    /// The device the tensors are on.
+    pub fn device(&self) -> Device {
+        self.logit_scale.device()
+    }
+
+    /// `image_embeds` before normalisation: `visual_projection(pooler_output)`, `[B, proj]`.
+    pub fn image_features(&self, vision: &ClipVision, pixel_values: &Tensor) -> Tensor {
+        vision.forward(pixel_values).matmul(&self.visual_projection.tr())
+    }
+}
+
 /// `x / ‖x‖₂` over the last dimension (as `x / x.norm(p=2, dim=-1, keepdim=True)`).
 pub fn l2_normalize(x: &Tensor) -> Tensor {
     x / x.norm_scalaropt_dim(2, [-1i64].as_slice(), true)
