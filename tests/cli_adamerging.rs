@@ -184,7 +184,58 @@ fn a_killed_or_stopped_run_resumes_to_the_same_lambda() {
             resumed, full,
             "SIG{signal}, restarted: λ bit-identical to the uninterrupted run"
         );
+        // The logs hold the whole run, the steps before the stop included.
+        let csv = |d: &Path| {
+            std::fs::read_to_string(
+                d.join("outputs/logs/ViT-B-32/clip_layer_wise_adamerging_adam/metrics.csv"),
+            )
+            .unwrap()
+        };
+        let (want, got) = (csv(reference.path()), csv(dir.path()));
+        assert_eq!(want.lines().count(), steps as usize + 1, "a header and a row per step");
+        assert_eq!(got, want, "SIG{signal}, restarted: metrics.csv of the uninterrupted run");
     }
+}
+
+#[test]
+fn a_checkpoint_of_another_configuration_is_refused_with_its_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_with = |extra: &[&str]| {
+        let mut a = common(dir.path());
+        a.extend([
+            "method=adamerging/clip".to_string(),
+            "method.name=clip_task_wise_adamerging".into(),
+            "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8".into(),
+            "taskpool=dummy".into(),
+        ]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        command(dir.path(), &a).output().unwrap()
+    };
+    let files = || -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir.path().join("cache/tta"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(run_with(&["method.max_steps=1"]).status.success());
+    let first = files();
+    assert!(run_with(&["method.max_steps=1", "method.lr=2e-3"]).status.success());
+    let second: Vec<PathBuf> = files().into_iter().filter(|f| !first.contains(f)).collect();
+    assert_eq!((first.len(), second.len()), (1, 1), "one checkpoint per configuration");
+    // The lr=2e-3 run's checkpoint replaced by the lr=1e-3 run's.
+    std::fs::copy(&first[0], &second[0]).unwrap();
+    let out = run_with(&["method.max_steps=2", "method.lr=2e-3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a foreign checkpoint was resumed:\n{err}");
+    let name = second[0].file_name().unwrap().to_string_lossy().to_string();
+    assert!(err.contains(&name) && err.contains("another configuration"), "{err}");
+    // A truncated checkpoint: named too, not silently restarted.
+    std::fs::write(&second[0], "{\"run\": ").unwrap();
+    let out = run_with(&["method.max_steps=2", "method.lr=2e-3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&name) && err.contains("unreadable"), "{err}");
 }
 
 /// The layer-wise run's arguments for the distributed tests: `steps` steps, a trace and a report

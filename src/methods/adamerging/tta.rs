@@ -47,10 +47,18 @@ struct State {
     adam: AdamState,
     loaders: Loaders,
     seed: u64,
+    /// Every step's logged scalars (`train/loss`, `train/weight_{max,min,mean}`) so far: a
+    /// resumed run's `metrics.csv`, event file and loss plot hold the whole run.
+    #[serde(default)]
+    history: Vec<[f64; 4]>,
 }
 
+/// The names of [`State::history`]'s columns, as FusionBench logs them.
+const LOGGED: [&str; 4] =
+    ["train/loss", "train/weight_max", "train/weight_min", "train/weight_mean"];
+
 /// The seed of the shuffles: the program's `seed`, else a fresh one (logged, so the run can be
-/// repeated).
+/// repeated; a checkpoint keeps it, so a resumed unseeded run goes on with its own).
 fn seed_of(program: &ProgramConfig) -> u64 {
     program.seed.unwrap_or_else(|| {
         let s = std::time::SystemTime::now()
@@ -114,18 +122,19 @@ fn task_set(ctx: &RunContext<'_>, inputs: &Inputs) -> Result<TaskSet> {
 }
 
 /// A fingerprint of what determines the trajectory: λ's shape and start, the optimiser, the
-/// batches (seed, sizes) and the models and datasets by path.
-fn run_key(c: &AdaMergingConfig, set: &TaskSet, program: &ProgramConfig, seed: u64) -> String {
+/// batches (`seed` as configured, sizes) and the models and datasets by path. `max_steps` is
+/// not part of it: a longer run goes on from a shorter one's checkpoint.
+fn run_key(c: &AdaMergingConfig, set: &TaskSet, program: &ProgramConfig) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(format!(
-        "{:?}|{}|{}|{}|{}|{}|{}",
+        "{:?}|{}|{}|{}|{}|{:?}|{}",
         c.granularity,
         c.lr,
         c.init_values,
         c.clamp_weights,
         c.batch_size,
-        seed,
+        program.seed,
         crate::version::NUMERICS_VERSION
     ));
     for (name, m) in &program.modelpool.models {
@@ -146,7 +155,6 @@ pub fn adapt(
 ) -> Result<Vec<f32>> {
     let set = task_set(ctx, inputs)?;
     tracing::debug!(rss = ?crate::device::resident_mib(), "task set loaded");
-    let seed = seed_of(ctx.program);
     let shape = c.granularity.shape(inputs.tasks(), inputs.params());
     let shape_i64: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     let lens: Vec<usize> = set.tasks.iter().map(|t| t.data.len()).collect();
@@ -159,7 +167,7 @@ pub fn adapt(
             );
             0
         });
-    let key = run_key(c, &set, ctx.program, seed);
+    let key = run_key(c, &set, ctx.program);
     let state_file = ctx
         .program
         .path
@@ -167,33 +175,18 @@ pub fn adapt(
         .as_ref()
         .map(|d| PathBuf::from(d).join("tta").join(format!("adamerging-{}.json", &key[..32])));
     let adam_cfg = AdamConfig::with_lr(c.lr);
-    let fresh = || {
-        let n: usize = shape.iter().product();
-        (
-            0u64,
-            vec![c.init_values; n],
-            Adam::new(adam_cfg, &shape_i64),
-            Loaders::new(seed, skip, &lens, c.batch_size),
-        )
+    let resumed = match &state_file {
+        Some(file) => resume(file, &key, c, adam_cfg, &shape_i64)?,
+        None => None,
     };
-    let (mut step, mut lambda, mut adam, mut loaders) = match state_file.as_deref().map(read_state)
-    {
-        // A checkpoint of this run, at or before the last step asked for (a longer run's
-        // later state would not be this run's result).
-        Some(Ok(Some(s))) if s.run == key && s.step <= c.max_steps => {
-            match Adam::restore(adam_cfg, &shape_i64, &s.adam) {
-                Some(adam) => {
-                    tracing::info!(step = s.step, file = ?state_file, "resuming test-time adaptation from its checkpoint");
-                    (s.step, s.lambda, adam, s.loaders)
-                }
-                None => fresh(),
-            }
+    let (mut step, mut lambda, mut adam, mut loaders, seed, history) = match resumed {
+        Some((s, adam)) => (s.step, s.lambda, adam, s.loaders, s.seed, s.history),
+        None => {
+            let seed = seed_of(ctx.program);
+            let n: usize = shape.iter().product();
+            let loaders = Loaders::new(seed, skip, &lens, c.batch_size);
+            (0, vec![c.init_values; n], Adam::new(adam_cfg, &shape_i64), loaders, seed, Vec::new())
         }
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, "ignoring an unreadable test-time adaptation checkpoint");
-            fresh()
-        }
-        _ => fresh(),
     };
     let names = set.names();
     let local: Vec<Box<dyn fusion_cluster::runtime::Executor>> = executors(c, inputs, ctx, set)?
@@ -213,6 +206,13 @@ pub fn adapt(
     let mut metrics = crate::report::metrics_log::MetricsLogger::new(log_dir)
         .with_context(|| format!("opening the training logs in {}", log_dir.display()))?;
     let mut losses: Vec<(i64, f64)> = Vec::new();
+    // A resumed run's earlier steps, logged again: the logs then hold the whole run.
+    for (i, row) in history.iter().enumerate() {
+        let logged: Vec<(&str, f64)> = LOGGED.iter().copied().zip(row.iter().copied()).collect();
+        metrics.log(i as i64, &logged)?;
+        losses.push((i as i64, row[0]));
+    }
+    let mut history = history;
     tracing::info!(tasks = ?names, shape = ?shape, steps = c.max_steps, batch_size = c.batch_size, seed, log_dir = %log_dir.display(), "test-time adaptation");
     let (listen, options) = match ctx.launch.serve_addr() {
         Some(addr) => (Some(addr), ctx.launch.options_for(ctx.program)),
@@ -273,13 +273,10 @@ pub fn adapt(
         bar.set_message(format!("loss {loss:.4} λ [{lo:.4}, {hi:.4}]"));
         bar.inc(1);
         tracing::debug!(step, loss, weight_min = lo, weight_max = hi, weight_mean = mean, "step");
-        let logged = [
-            ("train/loss", loss as f64),
-            ("train/weight_max", hi as f64),
-            ("train/weight_min", lo as f64),
-            ("train/weight_mean", (mean as f32) as f64),
-        ];
+        let row = [loss as f64, hi as f64, lo as f64, (mean as f32) as f64];
+        let logged: Vec<(&str, f64)> = LOGGED.iter().copied().zip(row).collect();
         metrics.log(step as i64 - 1, &logged)?;
+        history.push(row);
         losses.push((step as i64 - 1, loss as f64));
         let due = step % every_steps == 0 || last_save.elapsed() >= every || step == c.max_steps;
         let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
@@ -291,6 +288,7 @@ pub fn adapt(
                 adam: adam.state(),
                 loaders: loaders.clone(),
                 seed,
+                history: history.clone(),
             };
             write_state(file, &state)?;
             metrics.save()?;
@@ -349,6 +347,65 @@ pub fn adapt(
         crate::report::write_atomic(path, &serde_json::to_vec(&doc)?)?;
     }
     Ok(lambda)
+}
+
+/// The checkpoint in `file`, if any, restored: `None` when there is none, or when it is a
+/// shorter-lived state of a longer run than this one (it is then started afresh, with a
+/// warning). A file that cannot be read, or that another configuration wrote, is an error
+/// naming it: resuming the wrong state would silently give another run's result.
+fn resume(
+    file: &Path,
+    key: &str,
+    c: &AdaMergingConfig,
+    adam_cfg: AdamConfig,
+    shape: &[i64],
+) -> Result<Option<(State, Adam)>> {
+    let remedy = "remove it to start the adaptation afresh";
+    let s = match read_state(file) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "the test-time adaptation checkpoint {} is unreadable; {remedy}",
+                    file.display()
+                )
+            })
+        }
+    };
+    if s.run != key {
+        bail!(
+            "the test-time adaptation checkpoint {} is of another configuration (run {}, this one {}); {remedy}",
+            file.display(),
+            &s.run[..s.run.len().min(16)],
+            &key[..16]
+        );
+    }
+    let n: i64 = shape.iter().product();
+    let adam = Adam::restore(adam_cfg, shape, &s.adam)
+        .filter(|_| s.lambda.len() as i64 == n && s.loaders.len() == tasks_of(shape))
+        .with_context(|| {
+            format!(
+                "the test-time adaptation checkpoint {} does not fit λ of shape {shape:?}; {remedy}",
+                file.display()
+            )
+        })?;
+    if s.step > c.max_steps {
+        tracing::warn!(
+            file = %file.display(),
+            step = s.step,
+            max_steps = c.max_steps,
+            "the checkpoint is of a longer run than max_steps: starting afresh (it will be overwritten)"
+        );
+        return Ok(None);
+    }
+    tracing::info!(step = s.step, file = %file.display(), "resuming test-time adaptation from its checkpoint");
+    Ok(Some((s, adam)))
+}
+
+/// The number of tasks of a λ shape (`[T]` or `[T, P]`).
+fn tasks_of(shape: &[i64]) -> usize {
+    shape.first().copied().unwrap_or(0) as usize
 }
 
 fn read_state(path: &Path) -> Result<Option<State>> {
