@@ -39,6 +39,10 @@ pub struct StepResult {
     pub loss: f32,
     /// `∂loss/∂λ`, flattened.
     pub grad: Vec<f32>,
+    /// Seconds the item took where it ran (merge included when it came first): for the
+    /// coordinator's account of compute against exchange; never part of the result's numbers.
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// Computes step items; keeps the merged model of the last λ it saw.
@@ -82,6 +86,7 @@ impl StepExecutor {
     }
 
     fn run_here(&mut self, item: &StepItem) -> Result<StepResult> {
+        let began = std::time::Instant::now();
         let t = item.task as usize;
         if t >= self.tasks.tasks.len() {
             anyhow::bail!("step item for task #{t}, and there are {}", self.tasks.tasks.len());
@@ -150,7 +155,8 @@ impl StepExecutor {
             rss = ?crate::device::resident_mib(),
             "step item"
         );
-        Ok(StepResult { loss: loss.double_value(&[]) as f32, grad })
+        let seconds = began.elapsed().as_secs_f64();
+        Ok(StepResult { loss: loss.double_value(&[]) as f32, grad, seconds })
     }
 }
 

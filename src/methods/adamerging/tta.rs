@@ -200,6 +200,19 @@ pub fn adapt(
     let mut last_save = std::time::Instant::now();
     let mut param = Tensor::from_slice(&lambda).view(shape_i64.as_slice());
     let stop = crate::sweep::stop_on_signals()?;
+    // The state at the last step boundary. On SIGTERM/SIGUSR2 a watcher writes it and ends the
+    // process at once, rather than after the step under way (an L/14 step can outlast a
+    // cluster's KillWait, and the steps since the last periodic checkpoint would be lost).
+    let latest = Arc::new(std::sync::Mutex::new(State {
+        run: key.clone(),
+        step,
+        lambda: lambda.clone(),
+        adam: adam.state(),
+        loaders: loaders.clone(),
+        seed,
+        history: history.clone(),
+    }));
+    stop_watcher(stop.clone(), latest.clone(), state_file.clone(), c.max_steps);
     let mut trace = Vec::new();
     // FusionBench's per-step scalars (`train/loss` is the last task's loss), as TensorBoard
     // events and Lightning's metrics.csv in the logger's directory.
@@ -213,6 +226,11 @@ pub fn adapt(
         losses.push((i as i64, row[0]));
     }
     let mut history = history;
+    // Wall time of the rounds, and of computing their items (per busy worker): the rest is
+    // exchange (encoding, transport, scheduling, waiting on the slowest worker).
+    let (mut round_seconds, mut compute_seconds) = (0f64, 0f64);
+    let started = std::time::Instant::now();
+    let first_step = step;
     tracing::info!(tasks = ?names, shape = ?shape, steps = c.max_steps, batch_size = c.batch_size, seed, log_dir = %log_dir.display(), "test-time adaptation");
     let (listen, options) = match ctx.launch.serve_addr() {
         Some(addr) => (Some(addr), ctx.launch.options_for(ctx.program)),
@@ -242,11 +260,14 @@ pub fn adapt(
             .map(fusion_cluster::codec::encode)
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let round = job.round(encoded).with_context(|| format!("step {step}"))?;
+        let busy = round.summary.per_worker.iter().filter(|(_, n)| *n > 0).count().max(1);
+        round_seconds += round.summary.elapsed.as_secs_f64();
         let results: Vec<StepResult> = round
             .results
             .iter()
             .map(|r| fusion_cluster::codec::decode(r))
             .collect::<std::result::Result<_, _>>()?;
+        compute_seconds += results.iter().map(|r| r.seconds).sum::<f64>() / busy as f64;
         // λ.grad accumulates the tasks' gradients in task order (float32), as backward() does.
         let mut grad = results[0].grad.clone();
         for r in &results[1..] {
@@ -279,9 +300,9 @@ pub fn adapt(
         history.push(row);
         losses.push((step as i64 - 1, loss as f64));
         let due = step % every_steps == 0 || last_save.elapsed() >= every || step == c.max_steps;
-        let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
-        if let (Some(file), true) = (&state_file, due || stopping) {
-            let state = State {
+        {
+            let mut state = latest.lock().unwrap_or_else(|e| e.into_inner());
+            *state = State {
                 run: key.clone(),
                 step,
                 lambda: lambda.clone(),
@@ -290,18 +311,24 @@ pub fn adapt(
                 seed,
                 history: history.clone(),
             };
-            write_state(file, &state)?;
-            metrics.save()?;
-            last_save = std::time::Instant::now();
-        }
-        if stopping {
-            bar.finish_and_clear();
-            job.abort("the coordinator was stopped by a signal (checkpointed; rerun to resume)");
-            tracing::warn!(step, of = c.max_steps, checkpoint = ?state_file, "signal received: checkpointed; the same command resumes from here");
-            std::process::exit(143);
+            if let (Some(file), true) = (&state_file, due) {
+                write_state(file, &state)?;
+                metrics.save()?;
+                last_save = std::time::Instant::now();
+            }
         }
     }
     bar.finish_and_clear();
+    let steps = (step - first_step).max(1) as f64;
+    tracing::info!(
+        steps = step - first_step,
+        seconds = started.elapsed().as_secs_f64(),
+        seconds_per_step = started.elapsed().as_secs_f64() / steps,
+        round_seconds,
+        compute_seconds,
+        exchange_share = if round_seconds > 0.0 { (1.0 - compute_seconds / round_seconds).max(0.0) } else { 0.0 },
+        "test-time adaptation loop"
+    );
     Ok(lambda.clone())
         },
     )
@@ -401,6 +428,44 @@ fn resume(
     }
     tracing::info!(step = s.step, file = %file.display(), "resuming test-time adaptation from its checkpoint");
     Ok(Some((s, adam)))
+}
+
+/// On a stop signal (`flag`), writes the latest step-boundary state to `file` and exits with
+/// status 143 (`_exit`: libtorch may be mid-computation on other threads, and nothing of this
+/// process needs to run after the checkpoint is on disk).
+fn stop_watcher(
+    flag: Arc<std::sync::atomic::AtomicBool>,
+    latest: Arc<std::sync::Mutex<State>>,
+    file: Option<PathBuf>,
+    max_steps: u64,
+) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
+        // Held until the process ends: the loop cannot move the state on meanwhile.
+        let state = latest.lock().unwrap_or_else(|e| e.into_inner());
+        let saved = file.as_deref().map(|f| write_state(f, &state));
+        match saved {
+            Some(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "signal received: the checkpoint could not be written")
+            }
+            Some(Ok(())) => tracing::warn!(
+                step = state.step,
+                of = max_steps,
+                checkpoint = ?file,
+                "signal received: checkpointed; the same command resumes from here"
+            ),
+            None => tracing::warn!(
+                step = state.step,
+                "signal received: stopping (no path.cache_dir, so no checkpoint: a rerun starts afresh)"
+            ),
+        }
+        // SAFETY: `_exit` ends the process without running destructors or atexit handlers;
+        // the checkpoint was written (and synced) above.
+        unsafe { libc::_exit(143) }
+    });
 }
 
 /// The number of tasks of a λ shape (`[T]` or `[T, P]`).
