@@ -230,6 +230,19 @@ pub fn select_all(accelerator: Accelerator, devices: &Devices) -> Result<Vec<Dev
     Ok(chosen)
 }
 
+/// This process's resident memory in MiB as `(anonymous, file-backed)` (Linux's
+/// `/proc/self/status`; `None` elsewhere): what the memory figures of the logs and benchmarks
+/// report, mapped checkpoints counted apart from the memory the process owns.
+pub fn resident_mib() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |key: &str| {
+        status.lines().find_map(|l| {
+            l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+        })
+    };
+    Some((field("RssAnon:")? / 1024, field("RssFile:")? / 1024))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,17 +310,4 @@ mod tests {
         assert_eq!(cpu_thread_shares(2, 4), [1, 1, 1, 1]);
         assert_eq!(cpu_thread_shares(8, 1), [8]);
     }
-}
-
-/// This process's resident memory in MiB as `(anonymous, file-backed)` (Linux's
-/// `/proc/self/status`; `None` elsewhere): what the memory figures of the logs and benchmarks
-/// report, mapped checkpoints counted apart from the memory the process owns.
-pub fn resident_mib() -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let field = |key: &str| {
-        status.lines().find_map(|l| {
-            l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
-        })
-    };
-    Some((field("RssAnon:")? / 1024, field("RssFile:")? / 1024))
 }
