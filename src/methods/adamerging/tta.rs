@@ -212,7 +212,7 @@ pub fn adapt(
         seed,
         history: history.clone(),
     }));
-    stop_watcher(stop.clone(), latest.clone(), state_file.clone(), c.max_steps);
+    let _watching = stop_watcher(stop.clone(), latest.clone(), state_file.clone(), c.max_steps);
     let mut trace = Vec::new();
     // FusionBench's per-step scalars (`train/loss` is the last task's loss), as TensorBoard
     // events and Lightning's metrics.csv in the logger's directory.
@@ -430,17 +430,33 @@ fn resume(
     Ok(Some((s, adam)))
 }
 
+/// Ends the [`stop_watcher`] thread when dropped (the adaptation is over: a later signal is
+/// for whatever runs next, a sweep's next cell or the evaluation).
+struct Watching(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// On a stop signal (`flag`), writes the latest step-boundary state to `file` and exits with
 /// status 143 (`_exit`: libtorch may be mid-computation on other threads, and nothing of this
-/// process needs to run after the checkpoint is on disk).
+/// process needs to run after the checkpoint is on disk). Watches until the returned guard is
+/// dropped.
 fn stop_watcher(
     flag: Arc<std::sync::atomic::AtomicBool>,
     latest: Arc<std::sync::Mutex<State>>,
     file: Option<PathBuf>,
     max_steps: u64,
-) {
+) -> Watching {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let over = done.clone();
     std::thread::spawn(move || loop {
         std::thread::sleep(std::time::Duration::from_millis(20));
+        if over.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         if !flag.load(std::sync::atomic::Ordering::SeqCst) {
             continue;
         }
@@ -466,6 +482,7 @@ fn stop_watcher(
         // the checkpoint was written (and synced) above.
         unsafe { libc::_exit(143) }
     });
+    Watching(done)
 }
 
 /// The number of tasks of a λ shape (`[T]` or `[T, P]`).
