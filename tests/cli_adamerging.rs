@@ -401,24 +401,38 @@ fn three_processes_give_the_single_process_lambda_and_report_also_with_a_worker_
 /// `fabric.devices=2`: two local workers share each step's items; λ is the one-worker λ, bit for
 /// bit.
 #[test]
-fn two_local_devices_give_the_one_device_lambda() {
-    let run_with = |devices: &str| {
-        let dir = tempfile::tempdir().unwrap();
-        let mut a = dist_args(dir.path(), 8, "run");
+fn two_devices_draw_fusionbenchs_ddp_batches_per_rank() {
+    let run_with = |devices: &str, dir: &Path| {
+        let mut a = dist_args(dir, 4, "run");
         a.push(format!("fabric.devices={devices}"));
-        let out = quiet(command(dir.path(), &a)).output().unwrap();
+        let out = quiet(command(dir, &a)).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let t: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join("run.trace.json")).unwrap(),
-        )
-        .unwrap();
-        (t["steps"].clone(), std::fs::read(dir.path().join("run.json")).unwrap())
+        let t: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("run.trace.json")).unwrap())
+                .unwrap();
+        t["steps"].clone()
     };
-    let (one, r1) = run_with("1");
-    let (two, r2) = run_with("2");
-    assert_eq!(one.as_array().map(Vec::len), Some(8));
-    assert_eq!(one, two);
-    assert_eq!(r1, r2);
+    let (d1, d2, d2b) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let one = run_with("1", d1.path());
+    let two = run_with("2", d2.path());
+    assert_eq!(two, run_with("2", d2b.path()), "two devices: deterministic");
+    let (one, two) = (one.as_array().unwrap(), two.as_array().unwrap());
+    assert_eq!((one.len(), two.len()), (4, 4));
+    for (a, b) in one.iter().zip(two) {
+        let (a, b) = (a["tasks"].as_array().unwrap(), b["tasks"].as_array().unwrap());
+        assert_eq!(b.len(), 2 * a.len(), "an item per task and rank");
+        for pair in b.chunks(2) {
+            assert_eq!((pair[0]["rank"].as_u64(), pair[1]["rank"].as_u64()), (Some(0), Some(1)));
+            assert_eq!(pair[0]["task"], pair[1]["task"]);
+            let (x, y) =
+                (pair[0]["indices"].as_array().unwrap(), pair[1]["indices"].as_array().unwrap());
+            assert!(x.len() <= 16 && y.len() <= 16, "method.batch_size is per rank");
+        }
+    }
+    // Effective batch 2 × batch_size: λ moves otherwise than with one device.
+    let last = |steps: &[serde_json::Value]| steps.last().unwrap()["lambda"].clone();
+    assert_ne!(last(one), last(two));
 }
 
 /// Bad settings and weights files fail before any work, naming the key or the file.

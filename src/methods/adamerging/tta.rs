@@ -12,6 +12,7 @@ use crate::program::DatasetRef;
 use crate::tasks::set::{TaskSet, TaskSetSpec};
 use crate::tta::adam::{Adam, AdamConfig, AdamState};
 use crate::tta::loaders::Loaders;
+use crate::tta::sharded::ShardedLoaders;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -46,6 +47,9 @@ struct State {
     lambda: Vec<f32>,
     adam: AdamState,
     loaders: Loaders,
+    /// Each rank's loaders when the run has several devices (FusionBench's DDP batches).
+    #[serde(default)]
+    sharded: Option<ShardedLoaders>,
     seed: u64,
     /// Every step's logged scalars (`train/loss`, `train/weight_{max,min,mean}`) so far: a
     /// resumed run's `metrics.csv`, event file and loss plot hold the whole run.
@@ -124,11 +128,16 @@ fn task_set(ctx: &RunContext<'_>, inputs: &Inputs) -> Result<TaskSet> {
 /// A fingerprint of what determines the trajectory: λ's shape and start, the optimiser, the
 /// batches (`seed` as configured, sizes) and the models and datasets by path. `max_steps` is
 /// not part of it: a longer run goes on from a shorter one's checkpoint.
-fn run_key(c: &AdaMergingConfig, set: &TaskSet, program: &ProgramConfig) -> String {
+fn run_key(
+    c: &AdaMergingConfig,
+    set: &TaskSet,
+    program: &ProgramConfig,
+    replicas: usize,
+) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(format!(
-        "{:?}|{}|{}|{}|{}|{:?}|{}",
+        "{:?}|{}|{}|{}|{}|{:?}|{}|{replicas}",
         c.granularity,
         c.lr,
         c.init_values,
@@ -167,7 +176,9 @@ pub fn adapt(
             );
             0
         });
-    let key = run_key(c, &set, ctx.program);
+    let devices = chosen_devices(ctx)?;
+    let replicas = devices.len();
+    let key = run_key(c, &set, ctx.program, replicas);
     let state_file = ctx
         .program
         .path
@@ -179,20 +190,27 @@ pub fn adapt(
         Some(file) => resume(file, &key, c, adam_cfg, &shape_i64)?,
         None => None,
     };
-    let (mut step, mut lambda, mut adam, mut loaders, seed, history) = match resumed {
-        Some((s, adam)) => (s.step, s.lambda, adam, s.loaders, s.seed, s.history),
+    let (mut step, mut lambda, mut adam, mut loaders, mut sharded, seed, history) = match resumed {
+        Some((s, adam)) => (s.step, s.lambda, adam, s.loaders, s.sharded, s.seed, s.history),
         None => {
             let seed = seed_of(ctx.program);
             let n: usize = shape.iter().product();
             let loaders = Loaders::new(seed, skip, &lens, c.batch_size);
-            (0, vec![c.init_values; n], Adam::new(adam_cfg, &shape_i64), loaders, seed, Vec::new())
+            // Several devices: FusionBench's DDP batches, `batch_size` per rank, shuffled with
+            // `PL_GLOBAL_SEED` (the configured seed, else 0).
+            let sharded = (replicas > 1).then(|| {
+                ShardedLoaders::new(ctx.program.seed.unwrap_or(0), replicas, &lens, c.batch_size)
+            });
+            let adam = Adam::new(adam_cfg, &shape_i64);
+            (0, vec![c.init_values; n], adam, loaders, sharded, seed, Vec::new())
         }
     };
     let names = set.names();
-    let local: Vec<Box<dyn fusion_cluster::runtime::Executor>> = executors(c, inputs, ctx, set)?
-        .into_iter()
-        .map(|e| Box::new(e) as Box<dyn fusion_cluster::runtime::Executor>)
-        .collect();
+    let local: Vec<Box<dyn fusion_cluster::runtime::Executor>> =
+        executors(c, inputs, ctx, set, &devices)?
+            .into_iter()
+            .map(|e| Box::new(e) as Box<dyn fusion_cluster::runtime::Executor>)
+            .collect();
     let bar = crate::progress::bar("adamerging", c.max_steps as usize, "steps");
     bar.inc(step);
     let every_steps = c.checkpoint_every_steps;
@@ -209,6 +227,7 @@ pub fn adapt(
         lambda: lambda.clone(),
         adam: adam.state(),
         loaders: loaders.clone(),
+        sharded: sharded.clone(),
         seed,
         history: history.clone(),
     }));
@@ -247,11 +266,19 @@ pub fn adapt(
         },
         |job| -> Result<Vec<f32>> {
     while step < c.max_steps {
+        // One item per task, or per task and rank (task-major) with several devices.
         let items: Vec<StepItem> = (0..names.len())
-            .map(|t| StepItem {
+            .flat_map(|t| {
+                let batches = match sharded.as_mut() {
+                    Some(s) => s.next_batches(t),
+                    None => vec![loaders.next_batch(t).indices],
+                };
+                batches.into_iter().map(move |b| (t, b))
+            })
+            .map(|(t, b)| StepItem {
                 step,
                 task: t as u32,
-                indices: loaders.next_batch(t).indices.iter().map(|&i| i as u32).collect(),
+                indices: b.iter().map(|&i| i as u32).collect(),
                 lambda: lambda.clone(),
             })
             .collect();
@@ -268,27 +295,27 @@ pub fn adapt(
             .map(|r| fusion_cluster::codec::decode(r))
             .collect::<std::result::Result<_, _>>()?;
         compute_seconds += results.iter().map(|r| r.seconds).sum::<f64>() / busy as f64;
-        // λ.grad accumulates the tasks' gradients in task order (float32), as backward() does.
-        let mut grad = results[0].grad.clone();
-        for r in &results[1..] {
-            for (g, x) in grad.iter_mut().zip(&r.grad) {
-                *g += x;
-            }
-        }
+        let grad = fold_gradients(&results, replicas);
         adam.step(&mut param, &Tensor::from_slice(&grad).view(shape_i64.as_slice()));
         lambda = super::merge::values_of(&param);
         if c.trace_path.is_some() {
             let tasks: Vec<serde_json::Value> = items
                 .iter()
                 .zip(&results)
-                .map(|(it, r)| {
-                    serde_json::json!({"task": names[it.task as usize], "indices": it.indices, "loss": r.loss})
+                .enumerate()
+                .map(|(i, (it, r))| {
+                    let mut v = serde_json::json!({"task": names[it.task as usize], "indices": it.indices, "loss": r.loss});
+                    if replicas > 1 {
+                        v["rank"] = serde_json::json!(i % replicas);
+                    }
+                    v
                 })
                 .collect();
             trace.push(serde_json::json!({"step": step, "tasks": tasks, "lambda": lambda}));
         }
         step += 1;
-        let loss = results.last().map_or(0.0, |r| r.loss);
+        // FusionBench logs rank 0's loss of the last task.
+        let loss = results.len().checked_sub(replicas).map_or(0.0, |i| results[i].loss);
         let (lo, hi) = lambda.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
         let mean = lambda.iter().map(|&v| v as f64).sum::<f64>() / lambda.len() as f64;
         bar.set_message(format!("loss {loss:.4} λ [{lo:.4}, {hi:.4}]"));
@@ -308,6 +335,7 @@ pub fn adapt(
                 lambda: lambda.clone(),
                 adam: adam.state(),
                 loaders: loaders.clone(),
+                sharded: sharded.clone(),
                 seed,
                 history: history.clone(),
             };
@@ -485,6 +513,35 @@ fn stop_watcher(
     Watching(done)
 }
 
+/// `λ.grad` after one step: the tasks' gradients accumulated in task order (float32), as
+/// FusionBench's per-task `backward()` does. With `replicas` ranks (items task-major, rank-minor)
+/// each task's gradient is DDP's average, every rank's share divided by the world size before
+/// the sum (its default all-reduce hook), summed in rank order.
+fn fold_gradients(results: &[StepResult], replicas: usize) -> Vec<f32> {
+    let replicas = replicas.max(1);
+    let mut grad: Vec<f32> = Vec::new();
+    for task in results.chunks(replicas) {
+        let mut g = task[0].grad.clone();
+        if replicas > 1 {
+            let n = replicas as f32;
+            g.iter_mut().for_each(|x| *x /= n);
+            for r in &task[1..] {
+                for (a, x) in g.iter_mut().zip(&r.grad) {
+                    *a += x / n;
+                }
+            }
+        }
+        if grad.is_empty() {
+            grad = g;
+        } else {
+            for (a, x) in grad.iter_mut().zip(&g) {
+                *a += x;
+            }
+        }
+    }
+    grad
+}
+
 /// The number of tasks of a λ shape (`[T]` or `[T, P]`).
 fn tasks_of(shape: &[i64]) -> usize {
     shape.first().copied().unwrap_or(0) as usize
@@ -518,7 +575,9 @@ pub fn work(
     coordinator: std::net::SocketAddr,
 ) -> Result<()> {
     let set = task_set(ctx, inputs)?;
-    let executor = executors(c, inputs, ctx, set)?.into_iter().next().context("a device")?;
+    let devices = chosen_devices(ctx)?;
+    let executor =
+        executors(c, inputs, ctx, set, &devices)?.into_iter().next().context("a device")?;
     let name = ctx.launch.worker_name();
     let summary = fusion_cluster::runtime::run_worker(
         coordinator,
@@ -533,20 +592,25 @@ pub fn work(
     Ok(())
 }
 
+/// The devices of `fabric.devices` on `fabric.accelerator`.
+fn chosen_devices(ctx: &RunContext<'_>) -> Result<Vec<tch::Device>> {
+    let accelerator = ctx.program.fabric.accelerator.parse()?;
+    let devices = crate::device::Devices::from_node(&ctx.program.fabric.devices)?;
+    Ok(crate::device::select_all(accelerator, &devices)?)
+}
+
 /// One step executor per device of `fabric.devices` (`fabric.accelerator`), sharing the task
-/// set's data and the mapped checkpoints. Every executor computes an item the same way, so the
-/// λ trajectory does not depend on how many there are (CPU executors keep this process's
-/// intra-op thread count; FusionBench's DDP instead shards each batch over the devices with a
-/// `DistributedSampler`, which changes its batches: not reproduced).
+/// set's data and the mapped checkpoints. Every executor computes an item the same way, so
+/// where an item runs changes nothing (CPU executors keep this process's intra-op thread
+/// count). The number of devices does change the batches, as in FusionBench's DDP: each rank
+/// draws its own `DistributedSampler` shard ([`ShardedLoaders`]).
 fn executors(
     c: &AdaMergingConfig,
     inputs: &Arc<Inputs>,
     ctx: &RunContext<'_>,
     set: TaskSet,
+    chosen: &[tch::Device],
 ) -> Result<Vec<StepExecutor>> {
-    let accelerator = ctx.program.fabric.accelerator.parse()?;
-    let devices = crate::device::Devices::from_node(&ctx.program.fabric.devices)?;
-    let chosen = crate::device::select_all(accelerator, &devices)?;
     let mut out = Vec::with_capacity(chosen.len());
     let config = ctx.pool.config().clone();
     for &d in &chosen[1..] {
@@ -562,4 +626,23 @@ fn executors(
     let first = if chosen[0] == set.device { set } else { set.replicate(chosen[0])? };
     out.insert(0, StepExecutor::new(inputs.clone(), first, config, c.granularity, c.clamp_weights));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(grad: &[f32]) -> StepResult {
+        StepResult { loss: 0.0, grad: grad.to_vec(), seconds: 0.0 }
+    }
+
+    #[test]
+    fn gradients_add_over_tasks_and_average_over_ranks() {
+        let one = [result(&[1.0, 2.0]), result(&[0.5, -1.0])];
+        assert_eq!(fold_gradients(&one, 1), vec![1.5, 1.0]);
+        // Two tasks on two ranks, task-major: each task's mean over its ranks, then the sum.
+        let two =
+            [result(&[1.0, 2.0]), result(&[3.0, 4.0]), result(&[0.5, 0.0]), result(&[1.5, 2.0])];
+        assert_eq!(fold_gradients(&two, 2), vec![2.0 + 1.0, 3.0 + 1.0]);
+    }
 }
