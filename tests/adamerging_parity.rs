@@ -9,6 +9,11 @@
 //! softmax ignores), so both runs move them by Adam-normalised rounding noise (up to `lr` per
 //! step); those are checked to stay within that bound. The report of the learned model is
 //! FusionBench's: accuracies equal, losses within the tolerance of `tests/cli_eval.rs`.
+//!
+//! With `fabric.devices=2`, FusionBench's own two-rank DDP runs on CPU
+//! (`tests/fixtures/golden/fusionbench_adamerging_ddp/`, by
+//! `scripts/fixtures/golden_fusionbench_adamerging_ddp.sh`): every rank's batches equal, λ within
+//! the same tolerance.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -201,4 +206,99 @@ fn fusionbench_weights_files_give_fusionbench_reports() {
         let ours = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
         assert_same_report(&ours, &golden(golden_report));
     }
+}
+
+/// Ours with `fabric.devices=2` against FusionBench's two-rank DDP run: each (task, rank) item's
+/// indices are that rank's batch, losses and λ agree as in [`check`].
+fn check_ddp(flavour: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("ddp.trace.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
+        .args([
+            "method=adamerging/clip".to_string(),
+            format!("method.name=clip_{flavour}_adamerging"),
+            "method.save_merging_weights=null".into(),
+            "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8".into(),
+            "taskpool=dummy".into(),
+            "fabric.accelerator=cpu".into(),
+            "fabric.devices=2".into(),
+            "print_config=false".into(),
+            "seed=42".into(),
+            "method.max_steps=4".into(),
+            format!("path.cache_dir={}", dir.path().join("cache").display()),
+            format!("path.log_dir={}", dir.path().join("logs").display()),
+            format!("+method.trace_path={}", trace.display()),
+        ])
+        .env("HF_HOME", root().join("tests/fixtures/hf_home"))
+        .env_remove("HF_HUB_CACHE")
+        .env("RUST_LOG", "warn")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ours: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let ddp = |rank: u32| -> Value {
+        let p = root()
+            .join("tests/fixtures/golden/fusionbench_adamerging_ddp")
+            .join(format!("{flavour}.rank{rank}.trace.json"));
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+    };
+    let ranks = [ddp(0), ddp(1)];
+    let names: Vec<String> = serde_json::from_value(ranks[0]["parameter_names"].clone()).unwrap();
+    let os = ours["steps"].as_array().unwrap();
+    assert_eq!(os.len(), 4);
+    let mut batches = 0;
+    for (s, o) in os.iter().enumerate() {
+        let items = o["tasks"].as_array().unwrap();
+        for (r, theirs) in ranks.iter().enumerate() {
+            let t = &theirs["steps"][s];
+            for (k, b) in t["tasks"].as_array().unwrap().iter().enumerate() {
+                // Ours: task-major, rank-minor.
+                let a = &items[2 * k + r];
+                assert_eq!(
+                    (a["task"].clone(), a["rank"].as_u64()),
+                    (b["task"].clone(), Some(r as u64))
+                );
+                assert_eq!(
+                    a["indices"], b["indices"],
+                    "step {s}, task {}, rank {r}: its batch",
+                    b["task"]
+                );
+                let (x, y) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+                assert!(
+                    (x - y).abs() <= 1e-5 * y.abs(),
+                    "step {s} task {} rank {r}: loss {x} vs {y}",
+                    b["task"]
+                );
+                batches += 1;
+            }
+        }
+        let tl = ranks[0]["steps"][s]["lambda"].clone();
+        let flat = |v: &Value| -> Vec<f64> {
+            let a = v.as_array().unwrap();
+            if a.first().is_some_and(Value::is_array) {
+                a.iter()
+                    .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+                    .collect()
+            } else {
+                a.iter().map(|x| x.as_f64().unwrap()).collect()
+            }
+        };
+        assert_eq!(flat(&tl), flat(&ranks[1]["steps"][s]["lambda"]), "DDP ranks share λ");
+        for (k, (x, y)) in flat(&o["lambda"]).into_iter().zip(flat(&tl)).enumerate() {
+            if flavour == "layer_wise" && names[k % names.len()].ends_with("k_proj.bias") {
+                let bound = 1e-3 * (s + 1) as f64 * 1.0001;
+                assert!((x - 0.3).abs() <= bound && (y - 0.3).abs() <= bound, "step {s} λ[{k}]");
+            } else {
+                assert!((x - y).abs() <= LAMBDA_TOL, "step {s}: λ[{k}] {x} vs FusionBench's {y}");
+            }
+        }
+    }
+    assert_eq!(batches, 4 * 8 * 2);
+}
+
+#[test]
+fn two_devices_replay_fusionbenchs_ddp_batches_and_lambda() {
+    check_ddp("task_wise");
+    check_ddp("layer_wise");
 }
