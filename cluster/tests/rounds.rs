@@ -287,10 +287,11 @@ fn late_results_of_a_failed_round_never_reach_the_next_one() {
     assert_eq!(second.summary.round, 2);
     assert_eq!(second.summary.executed, vec![1; n as usize]);
     assert!(second.summary.stale >= 1, "the held round-1 result did not arrive in round 2");
-    // Item 1 of round 1 ran on the opener (it had started), item 2 on the other: both dropped.
+    // Items go one per worker in turn: the opener holds 0 and 2, the other 1 and 3. Item 2 of
+    // round 1 ran on the opener (it had started), item 1 on the other: both dropped.
     assert_eq!(job.stale, 2);
     let held: Vec<(u64, u64)> = logs[1].lock().unwrap().clone();
-    assert!(held.contains(&(1, 2)), "{held:?}");
+    assert!(held.contains(&(1, 1)), "{held:?}");
     assert!(!held.contains(&(1, 3)), "a queued item of the failed round still ran: {held:?}");
     assert_eq!((job.rounds.len(), job.rounds_failed), (1, 1));
 }
@@ -542,4 +543,60 @@ fn abort_releases_the_workers_and_refuses_later_rounds() {
         matches!(err, ClusterError::Aborted { ref reason } if reason == "the loss diverged"),
         "{err:?}"
     );
+}
+
+/// A stepper that takes up to `limit` queued items at once and logs each batch's item indices.
+struct Batching {
+    inner: Stepper,
+    limit: usize,
+    batches: Arc<Mutex<Vec<Vec<u64>>>>,
+}
+
+impl Executor for Batching {
+    fn execute(&mut self, item: &[u8]) -> Result<Vec<u8>, String> {
+        self.execute_batch(&[item]).pop().expect("one result")
+    }
+
+    fn batch_limit(&self) -> usize {
+        self.limit
+    }
+
+    fn execute_batch(&mut self, items: &[&[u8]]) -> Vec<Result<Vec<u8>, String>> {
+        let indices = items.iter().map(|i| parse_step(i).map_or(u64::MAX, |(_, _, i)| i)).collect();
+        self.batches.lock().unwrap().push(indices);
+        items.iter().map(|i| self.inner.execute(i)).collect()
+    }
+}
+
+/// Executors that batch get a worker's queued items of a round together, never more than they
+/// asked for nor items of two rounds; the round's items spread one per worker in turn, and the
+/// results are the one-by-one job's.
+#[test]
+fn batching_executors_get_their_queued_items_together_and_change_no_result() {
+    let _watchdog = watchdog("batching_executors", Duration::from_secs(20));
+    let (rounds, n) = (3, 10);
+    let dir = tempfile::tempdir().unwrap();
+    let logs = [Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new()))];
+    let local: Vec<Box<dyn Executor>> = logs
+        .iter()
+        .map(|log| {
+            Box::new(Batching { inner: stepper(0), limit: 3, batches: log.clone() })
+                as Box<dyn Executor>
+        })
+        .collect();
+    let mut o = opts(dir.path());
+    o.in_flight_per_worker = 4;
+    let (done, job) = run_job(local, None, &o, |_| {}, |job| drive_steps(job, rounds, n)).unwrap();
+    assert_eq!(results(&done.unwrap()), step_reference(rounds, n));
+    let batches: Vec<Vec<Vec<u64>>> = logs.iter().map(|l| l.lock().unwrap().clone()).collect();
+    let all: Vec<&Vec<u64>> = batches.iter().flatten().collect();
+    assert!(all.iter().all(|b| !b.is_empty() && b.len() <= 3), "{batches:?}");
+    // The first dispatch of a round gives each worker 4 items in one message: a batch of 3.
+    assert!(all.iter().any(|b| b.len() == 3), "no batch formed: {batches:?}");
+    // One item per worker in turn: both workers compute, neither takes a whole round.
+    for r in &job.rounds {
+        assert!(r.per_worker.iter().all(|(_, k)| *k > 0), "{:?}", r.per_worker);
+    }
+    let ran: usize = all.iter().map(|b| b.len()).sum();
+    assert_eq!(ran, (rounds * n) as usize);
 }

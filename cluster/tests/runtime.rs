@@ -340,8 +340,8 @@ fn silent_worker(addr: SocketAddr, dir: &Path, joined: mpsc::Sender<Vec<u64>>) {
         let deadline = Instant::now() + Duration::from_secs(8);
         while Instant::now() < deadline {
             match tokio::time::timeout(Duration::from_millis(100), peer.recv::<Wire>()).await {
-                Ok(Ok(Wire::Assign { item, .. })) => {
-                    assigned.push(item);
+                Ok(Ok(Wire::Assign { items, .. })) => {
+                    assigned.extend(items.iter().map(|(item, _)| *item));
                     if assigned.len() == 2 {
                         joined.send(assigned.clone()).unwrap();
                     }

@@ -107,10 +107,10 @@ enum Handle {
 }
 
 impl Handle {
-    fn assign(&self, round: u64, item: u64, payload: Vec<u8>) -> bool {
+    fn assign(&self, round: u64, items: Vec<(u64, Vec<u8>)>) -> bool {
         match self {
-            Handle::Local(w) => w.send_message(WorkerMsg::Assign { round, item, payload }).is_ok(),
-            Handle::Remote(p) => p.send_message(PeerMsg::Assign { round, item, payload }).is_ok(),
+            Handle::Local(w) => w.send_message(WorkerMsg::Assign { round, items }).is_ok(),
+            Handle::Remote(p) => p.send_message(PeerMsg::Assign { round, items }).is_ok(),
         }
     }
 
@@ -564,13 +564,27 @@ impl CoordinatorState {
             }
             return;
         }
+        // One item per worker in turn while any takes one (so a round spreads evenly however
+        // many items a worker may hold), then each worker's items in one message.
         let number = active.round.number();
-        for (key, handle) in &self.workers {
-            while let Some((item, payload)) = active.round.next_for(key, now) {
-                debug!(worker = ?key, round = number, item, "item assigned");
-                if !handle.assign(number, item, payload) {
-                    break; // its actor is gone; the supervision event re-queues its items
+        let mut given: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); self.workers.len()];
+        loop {
+            let mut any = false;
+            for ((key, _), mine) in self.workers.iter().zip(given.iter_mut()) {
+                if let Some((item, payload)) = active.round.next_for(key, now) {
+                    debug!(worker = ?key, round = number, item, "item assigned");
+                    mine.push((item, payload));
+                    any = true;
                 }
+            }
+            if !any {
+                break;
+            }
+        }
+        for ((_, handle), mine) in self.workers.iter().zip(given) {
+            // A gone actor: the supervision event re-queues its items.
+            if !mine.is_empty() && !handle.assign(number, mine) {
+                debug!(round = number, "items not delivered: the worker's actor is gone");
             }
         }
     }

@@ -135,7 +135,8 @@ const CLOSE_LINGER: Duration = Duration::from_millis(500);
 
 /// Runs one work item (opaque bytes the caller encodes).
 ///
-/// Called on a blocking thread, one item at a time per executor; may take seconds. A panic is
+/// Called on a blocking thread, one item (or one batch, [`Executor::execute_batch`]) at a time
+/// per executor; may take seconds. A panic is
 /// caught and treated as an `Err` of that item. One executor serves its worker for the whole
 /// job, across rounds: it may keep state between items (e.g. the model it built for step `k`,
 /// rebuilt when an item carries step `k + 1`'s parameters).
@@ -150,6 +151,21 @@ pub trait Executor: Send + 'static {
     fn on_broadcast(&mut self, state: &[u8]) -> Result<(), String> {
         let _ = state;
         Ok(())
+    }
+
+    /// How many queued items this executor takes at once ([`execute_batch`](Self::execute_batch)).
+    /// The default, 1, runs items one by one.
+    fn batch_limit(&self) -> usize {
+        1
+    }
+
+    /// Runs items that were queued together (consecutive items of one round, at most
+    /// [`batch_limit`](Self::batch_limit)), one result per item in their order: for work that is
+    /// cheaper done for several items in one pass. Each item's result must be what `execute`
+    /// gives it alone, so where and with whom an item ran changes nothing. The default runs
+    /// `execute` on each.
+    fn execute_batch(&mut self, items: &[&[u8]]) -> Vec<Result<Vec<u8>, String>> {
+        items.iter().map(|item| self.execute(item)).collect()
     }
 
     /// A hook the worker calls, from its actor (inside the tokio runtime, never blocking), for
@@ -172,7 +188,10 @@ pub struct ClusterOptions {
     pub heartbeat_interval: Duration,
     /// Silence after which a worker (or, seen from a worker, the coordinator) is lost. Default 3 s.
     pub lost_after: Duration,
-    /// How many items one worker may hold at once (one running, the others queued). Default 2.
+    /// How many items one worker may hold at once (running or queued). Default 2. Items are
+    /// handed out one per worker in turn, so a round of `n` items over `w` workers gives each
+    /// about `n / w` while this allows; an executor that batches ([`Executor::batch_limit`])
+    /// wants it at least its batch size.
     pub in_flight_per_worker: usize,
     /// The job's id: processes with another job id are refused at the handshake.
     pub job_id: String,

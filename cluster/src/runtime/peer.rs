@@ -71,14 +71,12 @@ const DONE_REASON: &str = "job done";
 
 /// Messages of a [`RemoteWorker`].
 pub(crate) enum PeerMsg {
-    /// Coordinator → worker: run this item.
+    /// Coordinator → worker: run these items of one round, in order.
     Assign {
-        /// The item's round.
+        /// The items' round.
         round: u64,
-        /// Item index within its round.
-        item: u64,
-        /// Its payload.
-        payload: Vec<u8>,
+        /// `(index within the round, payload)` per item.
+        items: Vec<(u64, Vec<u8>)>,
     },
     /// Coordinator → worker: drop the queued items of rounds up to this one.
     Cancel {
@@ -162,18 +160,35 @@ impl Actor for RemoteWorker {
         state: &mut PeerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            PeerMsg::Assign { round, item, payload } => {
-                match state.sender.send(&Wire::Assign { round, item, payload }).await {
-                    Ok(()) => {}
-                    // Too large for a frame: no worker could take it, so the item fails (the
-                    // connection stays usable).
-                    Err(e @ TransportError::Send { .. }) => {
-                        let key = state.key;
-                        let result = Err(format!("the item cannot be sent to the worker: {e}"));
-                        let msg = CoordinatorMsg::Result { key, round, item, result };
-                        let _ = state.coordinator.send_message(msg);
+            PeerMsg::Assign { round, items } => {
+                // Together in one frame; if that is too large, one by one, so that only an item
+                // too large for a frame by itself fails: no worker could take it (the connection
+                // stays usable).
+                let one_by_one = if items.len() > 1 {
+                    let wire = Wire::Assign { round, items };
+                    match state.sender.send(&wire).await {
+                        Ok(()) => None,
+                        Err(TransportError::Send { .. }) => match wire {
+                            Wire::Assign { items, .. } => Some(items),
+                            _ => None,
+                        },
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(e) => return Err(e.into()),
+                } else {
+                    Some(items)
+                };
+                for one in one_by_one.unwrap_or_default() {
+                    let item = one.0;
+                    match state.sender.send(&Wire::Assign { round, items: vec![one] }).await {
+                        Ok(()) => {}
+                        Err(e @ TransportError::Send { .. }) => {
+                            let key = state.key;
+                            let result = Err(format!("the item cannot be sent to the worker: {e}"));
+                            let msg = CoordinatorMsg::Result { key, round, item, result };
+                            let _ = state.coordinator.send_message(msg);
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
             PeerMsg::Cancel { round } => state.sender.send(&Wire::Cancel { round }).await?,
@@ -371,10 +386,10 @@ impl Actor for Link {
             LinkMsg::Remote(wire) => {
                 state.last_heard = Instant::now();
                 match wire {
-                    Wire::Assign { round, item, payload } => {
-                        debug!(round, item, "assignment received");
+                    Wire::Assign { round, items } => {
+                        debug!(round, items = items.len(), "assignment received");
                         if let Some(worker) = &state.worker {
-                            let _ = worker.send_message(WorkerMsg::Assign { round, item, payload });
+                            let _ = worker.send_message(WorkerMsg::Assign { round, items });
                         }
                     }
                     Wire::Cancel { round } => {

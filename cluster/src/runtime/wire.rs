@@ -5,7 +5,8 @@
 //! Append variants only, never reorder them: bincode numbers enum variants by position. A change
 //! to an existing variant's fields changes the format: bump
 //! [`PROTOCOL_VERSION`](crate::transport::PROTOCOL_VERSION) with it, so a process of another build
-//! is refused at the handshake instead of failing to decode (version 2 added the round numbers).
+//! is refused at the handshake instead of failing to decode (version 2 added the round numbers,
+//! version 3 made an assignment a list of items).
 //!
 //! Rounds: every item of a job belongs to one round ([`super::Job::round`]), numbered from 1. An
 //! assignment carries its round and the worker echoes it in the result, so a late result of an
@@ -17,15 +18,14 @@ use serde::{Deserialize, Serialize};
 /// One control message of the runtime's protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Wire {
-    /// Coordinator → worker: run item `item` (its index in round `round`'s item list) on
-    /// `payload`.
+    /// Coordinator → worker: run these items of round `round`, in this order: each an index in
+    /// the round's item list and its caller-encoded payload. One message carries what one
+    /// dispatch hands the worker, so a batching executor sees them together.
     Assign {
-        /// The round the item belongs to (from 1).
+        /// The round the items belong to (from 1).
         round: u64,
-        /// The item's index within its round.
-        item: u64,
-        /// The caller-encoded work item.
-        payload: Vec<u8>,
+        /// `(index within the round, payload)` per item.
+        items: Vec<(u64, Vec<u8>)>,
     },
     /// Worker → coordinator: the outcome of an assigned item.
     Result {
@@ -69,7 +69,7 @@ mod tests {
     #[test]
     fn every_variant_round_trips() {
         let msgs = [
-            Wire::Assign { round: 3, item: 7, payload: vec![1, 2, 3] },
+            Wire::Assign { round: 3, items: vec![(7, vec![1, 2, 3]), (9, vec![])] },
             Wire::Result { round: 3, item: 7, result: Ok(vec![9; 100]) },
             Wire::Result { round: 1, item: 8, result: Err("out of memory".into()) },
             Wire::Heartbeat,

@@ -1,4 +1,6 @@
-//! The worker actor: runs its executor's items one at a time on a blocking thread.
+//! The worker actor: runs its executor's items one at a time (or, when the executor batches,
+//! [`Executor::batch_limit`], a run of consecutive queued items of one round at a time) on a
+//! blocking thread.
 //!
 //! The executor moves into `spawn_blocking` with the item and comes back with the result as a
 //! message, so the actor's mailbox stays free while an item runs: assignments queue up, and the
@@ -66,22 +68,20 @@ enum Task {
 
 /// What the blocking thread did.
 pub(crate) enum Outcome {
-    /// An item's result.
-    Item { round: u64, item: u64, result: Result<Vec<u8>, String> },
+    /// The results of a run of items of one round, in their order.
+    Items { round: u64, results: Vec<(u64, Result<Vec<u8>, String>)> },
     /// [`Executor::on_broadcast`]'s verdict.
     Broadcast(Result<(), String>),
 }
 
 /// Messages of the worker actor.
 pub(crate) enum WorkerMsg {
-    /// Run this item (queued behind the running one).
+    /// Run these items of one round, in this order (queued behind the running ones).
     Assign {
-        /// The item's round.
+        /// The items' round.
         round: u64,
-        /// Item index within its round.
-        item: u64,
-        /// Its payload.
-        payload: Vec<u8>,
+        /// Item indices within their round, with their payloads.
+        items: Vec<(u64, Vec<u8>)>,
     },
     /// Hand this state to the executor, in order with the items.
     Broadcast(Arc<Vec<u8>>),
@@ -118,6 +118,8 @@ pub(crate) struct WorkerState {
     executor: Option<Box<dyn Executor>>,
     /// The executor's read-ahead hook, if it has one.
     prefetch: Option<super::Prefetcher>,
+    /// [`Executor::batch_limit`], at least 1.
+    batch: usize,
     queue: VecDeque<Task>,
     /// Why the executor refused the last broadcast state, if it did: every item fails with it
     /// until a later broadcast is accepted (it would compute on a stale state).
@@ -144,6 +146,7 @@ impl Actor for Worker {
         Ok(WorkerState {
             name: args.name,
             prefetch: args.executor.prefetcher(),
+            batch: args.executor.batch_limit().max(1),
             executor: Some(args.executor),
             queue: VecDeque::new(),
             refused_state: None,
@@ -168,15 +171,19 @@ impl Actor for Worker {
         state: &mut WorkerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            WorkerMsg::Assign { round, item, payload } => {
-                debug!(worker = %state.name, round, item, "item queued");
-                // Busy: let the executor start on this item's inputs while it waits.
-                if state.executor.is_none() || !state.queue.is_empty() {
-                    if let Some(prefetch) = &state.prefetch {
-                        prefetch(&payload);
+            WorkerMsg::Assign { round, items } => {
+                for (item, payload) in items {
+                    debug!(worker = %state.name, round, item, "item queued");
+                    // Waiting behind another one (that is not batched with it): let the
+                    // executor start on this item's inputs meanwhile.
+                    let waits = state.executor.is_none() || state.queue.len() >= state.batch;
+                    if waits {
+                        if let Some(prefetch) = &state.prefetch {
+                            prefetch(&payload);
+                        }
                     }
+                    state.queue.push_back(Task::Item { round, item, payload });
                 }
-                state.queue.push_back(Task::Item { round, item, payload });
             }
             WorkerMsg::Broadcast(blob) => {
                 debug!(worker = %state.name, bytes = blob.len(), "broadcast state queued");
@@ -191,9 +198,11 @@ impl Actor for Worker {
             WorkerMsg::Executed { outcome, executor } => {
                 state.executor = Some(executor);
                 match outcome {
-                    Outcome::Item { round, item, result } => {
-                        debug!(worker = %state.name, round, item, ok = result.is_ok(), "item executed");
-                        state.sink.result(round, item, result);
+                    Outcome::Items { round, results } => {
+                        for (item, result) in results {
+                            debug!(worker = %state.name, round, item, ok = result.is_ok(), "item executed");
+                            state.sink.result(round, item, result);
+                        }
                     }
                     Outcome::Broadcast(Ok(())) => {
                         debug!(worker = %state.name, "broadcast state applied");
@@ -230,16 +239,30 @@ fn start_next(myself: &ActorRef<WorkerMsg>, state: &mut WorkerState) {
         let Some(mut executor) = state.executor.take() else {
             return;
         };
+        // A run of consecutive items of the same round, up to the executor's batch.
+        let task = match task {
+            Task::Item { round, item, payload } => {
+                let mut run = vec![(item, payload)];
+                while run.len() < state.batch {
+                    match state.queue.front() {
+                        Some(Task::Item { round: r, .. }) if *r == round => {}
+                        _ => break,
+                    }
+                    if let Some(Task::Item { item, payload, .. }) = state.queue.pop_front() {
+                        run.push((item, payload));
+                    }
+                }
+                Run::Items { round, run }
+            }
+            Task::Broadcast(blob) => Run::Broadcast(blob),
+        };
         let me = myself.clone();
         let blocking = tokio::task::spawn_blocking(move || {
             let outcome = match task {
-                Task::Item { round, item, payload } => {
-                    let result = caught(|| executor.execute(&payload));
-                    Outcome::Item { round, item, result }
+                Run::Items { round, run } => {
+                    Outcome::Items { round, results: execute(&mut *executor, run) }
                 }
-                Task::Broadcast(blob) => {
-                    Outcome::Broadcast(caught(|| executor.on_broadcast(&blob)))
-                }
+                Run::Broadcast(blob) => Outcome::Broadcast(caught(|| executor.on_broadcast(&blob))),
             };
             (outcome, executor)
         });
@@ -252,6 +275,40 @@ fn start_next(myself: &ActorRef<WorkerMsg>, state: &mut WorkerState) {
                 Err(e) => debug!(error = %e, "blocking task ended without a result"),
             }
         });
+    }
+}
+
+/// What one trip to the blocking thread runs.
+enum Run {
+    /// Items of one round, in order.
+    Items { round: u64, run: Vec<(u64, Vec<u8>)> },
+    /// A broadcast state.
+    Broadcast(Arc<Vec<u8>>),
+}
+
+/// Runs a run of items: one alone through [`Executor::execute`], several through
+/// [`Executor::execute_batch`]. A panic fails every item of the run; a wrong number of results
+/// too.
+fn execute(
+    executor: &mut dyn Executor,
+    run: Vec<(u64, Vec<u8>)>,
+) -> Vec<(u64, Result<Vec<u8>, String>)> {
+    if let [(item, payload)] = run.as_slice() {
+        return vec![(*item, caught(|| executor.execute(payload)))];
+    }
+    let payloads: Vec<&[u8]> = run.iter().map(|(_, p)| p.as_slice()).collect();
+    let results = std::panic::catch_unwind(AssertUnwindSafe(|| executor.execute_batch(&payloads)))
+        .map_err(|panic| format!("executor panicked: {}", panic_text(&*panic)))
+        .and_then(|results| {
+            if results.len() == run.len() {
+                Ok(results)
+            } else {
+                Err(format!("the executor gave {} results for {} items", results.len(), run.len()))
+            }
+        });
+    match results {
+        Ok(results) => run.iter().map(|(item, _)| *item).zip(results).collect(),
+        Err(e) => run.iter().map(|(item, _)| (*item, Err(e.clone()))).collect(),
     }
 }
 

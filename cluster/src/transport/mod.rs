@@ -79,8 +79,8 @@ pub const ALPN: &[u8] = b"fusion-bench/1";
 
 /// Version of the handshake and control protocol. Peers with a different version are refused.
 /// Version 2: the runtime's assignments and results carry a round number
-/// ([`crate::runtime::wire::Wire`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// ([`crate::runtime::wire::Wire`]); version 3: an assignment is a list of items.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A DNS name every node certificate carries, so a process can connect to any member by address
 /// with this server name when it does not know (or trust DNS for) the member's host name.

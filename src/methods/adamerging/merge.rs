@@ -132,7 +132,9 @@ pub fn merge(inputs: &Inputs, lambda: &[f32], g: Granularity, clamp: bool) -> Re
 }
 
 /// `Σₖ gₖ (xₖ − bₖ)` in float64, over eight interleaved partial sums (so the loop vectorises)
-/// added in a fixed order: the same bits on every machine and thread count.
+/// added in a fixed order: the same bits on every machine and thread count. The reference of
+/// [`dot_delta_many`], which computes it for several gradients at once.
+#[cfg(test)]
 fn dot_delta(g: &[f32], x: &[f32], b: &[f32]) -> f64 {
     const LANES: usize = 8;
     let mut acc = [0f64; LANES];
@@ -152,6 +154,39 @@ fn dot_delta(g: &[f32], x: &[f32], b: &[f32]) -> f64 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
+/// `Σₙ g⁽ᵏ⁾ₙ (xₙ − bₙ)` in float64 for several gradients `g⁽ᵏ⁾` in one pass, each over eight
+/// interleaved partial sums (so the loop vectorises) added in a fixed order: the same bits on
+/// every machine and thread count, and for a gradient whichever others share its pass (the
+/// difference is formed once per element; each gradient's sums see the same operations).
+fn dot_delta_many(gs: &[&[f32]], x: &[f32], b: &[f32], out: &mut [f64]) {
+    const LANES: usize = 8;
+    let n = x.len();
+    let mut acc = vec![[0f64; LANES]; gs.len()];
+    let whole = n - n % LANES;
+    let mut at = 0;
+    while at < whole {
+        let mut d = [0f64; LANES];
+        for l in 0..LANES {
+            d[l] = (x[at + l] - b[at + l]) as f64;
+        }
+        for (acc, g) in acc.iter_mut().zip(gs) {
+            let g8 = &g[at..at + LANES];
+            for l in 0..LANES {
+                acc[l] += d[l] * g8[l] as f64;
+            }
+        }
+        at += LANES;
+    }
+    for (acc, g) in acc.iter_mut().zip(gs) {
+        for (l, k) in (whole..n).enumerate() {
+            acc[l] += ((x[k] - b[k]) as f64) * g[k] as f64;
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    }
+}
+
 /// `∂L/∂λ` (λ's shape, flattened) from `∂L/∂θ` (`grads[j]` for tensor `j`, flattened float32).
 ///
 /// Each chunk of a tensor is read once for every model (θ₀ and the gradient stay in cache
@@ -164,31 +199,64 @@ pub fn project(
     g: Granularity,
     clamp: bool,
 ) -> Result<Vec<f32>> {
+    let mut out = project_many(inputs, &[grads], lambda, g, clamp)?;
+    Ok(out.pop().unwrap_or_default())
+}
+
+/// [`project`] for several gradients under the same λ (a worker's items of one step) in one
+/// pass over the checkpoints: each chunk of every model is read from memory once for all of
+/// them instead of once per gradient. Every result has the bits [`project`] gives it alone
+/// (the same float64 lanes, chunks and order of additions per gradient).
+pub fn project_many(
+    inputs: &Inputs,
+    grads: &[&[&[f32]]],
+    lambda: &[f32],
+    g: Granularity,
+    clamp: bool,
+) -> Result<Vec<Vec<f32>>> {
     let (tasks, params) = (inputs.tasks(), inputs.params());
-    if grads.len() != params {
-        bail!("{} gradients for {params} parameter tensors", grads.len());
+    for set in grads {
+        if set.len() != params {
+            bail!("{} gradients for {params} parameter tensors", set.len());
+        }
     }
-    // dots[i][j] = Σₖ gₖ (θᵢ − θ₀)ₖ over tensor j, in float64.
-    let mut dots = vec![vec![0f64; params]; tasks];
+    // dots[k][i][j] = Σₙ g⁽ᵏ⁾ₙ (θᵢ − θ₀)ₙ over tensor j, in float64.
+    let mut dots = vec![vec![vec![0f64; params]; tasks]; grads.len()];
     for (j, name) in inputs.names.iter().enumerate() {
         let base = inputs.base.values(name)?;
-        let grad = grads[j];
-        if grad.len() != base.len() {
-            bail!("gradient of `{name}` has {} values, the tensor {}", grad.len(), base.len());
+        for set in grads {
+            if set[j].len() != base.len() {
+                bail!(
+                    "gradient of `{name}` has {} values, the tensor {}",
+                    set[j].len(),
+                    base.len()
+                );
+            }
         }
         let thetas = inputs.models.iter().map(|m| m.values(name)).collect::<Result<Vec<_>>>()?;
-        let chunk = |(c, gs): (usize, &[f32])| -> Vec<f64> {
+        // sums[c][i * K + k]: chunk c's dot of gradient k (of K) with model i.
+        let chunk = |c: usize| -> Vec<f64> {
             let at = c * CHUNK;
-            let b = &base[at..at + gs.len()];
-            thetas.iter().map(|theta| dot_delta(gs, &theta[at..at + gs.len()], b)).collect()
+            let end = (at + CHUNK).min(base.len());
+            let b = &base[at..end];
+            let gs: Vec<&[f32]> = grads.iter().map(|set| &set[j][at..end]).collect();
+            // out[i * K + k]: model i, gradient k.
+            let mut out = vec![0f64; grads.len() * tasks];
+            for (theta, out) in thetas.iter().zip(out.chunks_mut(grads.len().max(1))) {
+                dot_delta_many(&gs, &theta[at..end], b, out);
+            }
+            out
         };
-        let sums: Vec<Vec<f64>> = if grad.len() <= PARALLEL_ABOVE {
-            grad.chunks(CHUNK).enumerate().map(chunk).collect()
+        let chunks = base.len().div_ceil(CHUNK);
+        let sums: Vec<Vec<f64>> = if base.len() <= PARALLEL_ABOVE {
+            (0..chunks).map(chunk).collect()
         } else {
-            grad.par_chunks(CHUNK).enumerate().map(chunk).collect()
+            (0..chunks).into_par_iter().map(chunk).collect()
         };
-        for (i, row) in dots.iter_mut().enumerate() {
-            row[j] = sums.iter().map(|s| s[i]).sum();
+        for (k, item) in dots.iter_mut().enumerate() {
+            for (i, row) in item.iter_mut().enumerate() {
+                row[j] = sums.iter().map(|s| s[i * grads.len() + k]).sum();
+            }
         }
     }
     let active = |i: usize, j: usize| {
@@ -198,15 +266,18 @@ pub fn project(
         };
         !clamp || (0.0..=1.0).contains(&w)
     };
-    Ok(match g {
-        Granularity::TaskWise => (0..tasks)
-            .map(|i| if active(i, 0) { dots[i].iter().sum::<f64>() as f32 } else { 0.0 })
-            .collect(),
-        Granularity::LayerWise => (0..tasks)
-            .flat_map(|i| (0..params).map(move |j| (i, j)))
-            .map(|(i, j)| if active(i, j) { dots[i][j] as f32 } else { 0.0 })
-            .collect(),
-    })
+    Ok(dots
+        .into_iter()
+        .map(|dots| match g {
+            Granularity::TaskWise => (0..tasks)
+                .map(|i| if active(i, 0) { dots[i].iter().sum::<f64>() as f32 } else { 0.0 })
+                .collect(),
+            Granularity::LayerWise => (0..tasks)
+                .flat_map(|i| (0..params).map(move |j| (i, j)))
+                .map(|(i, j)| if active(i, j) { dots[i][j] as f32 } else { 0.0 })
+                .collect(),
+        })
+        .collect())
 }
 
 /// The values of a contiguous CPU float32 tensor, borrowed.
@@ -244,6 +315,97 @@ mod tests {
         assert_eq!(weight(&l, Granularity::LayerWise, 3, 1, 2, false), 0.9);
         assert_eq!(weight(&l, Granularity::LayerWise, 3, 0, 2, true), 0.0);
         assert_eq!(Granularity::LayerWise.shape(8, 55), vec![8, 55]);
+    }
+
+    fn fixture_inputs() -> Inputs {
+        use std::path::{Path, PathBuf};
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let args = ["modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8".to_string()];
+        let dirs = [PathBuf::from(root).join("config")];
+        let composed = crate::config::compose_from_args(&args, &dirs).unwrap();
+        let cfg = composed.program_config().unwrap();
+        let hub = crate::hub::Hub::new(root.join("tests/fixtures/hf_home/hub"));
+        let pool = ModelPool::from_config(&cfg.modelpool, &hub).unwrap();
+        Inputs::open(&pool).unwrap()
+    }
+
+    #[test]
+    fn projecting_several_gradients_at_once_gives_each_its_own_bits() {
+        let inputs = fixture_inputs();
+        let sizes: Vec<usize> =
+            inputs.shapes.iter().map(|s| s.iter().product::<i64>() as usize).collect();
+        let grads: Vec<Vec<Vec<f32>>> = (0..3u64)
+            .map(|k| {
+                // xorshift64: values in [-1, 1), a different stream per gradient.
+                let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (k + 1);
+                let mut next = move || {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                };
+                sizes.iter().map(|&n| (0..n).map(|_| next()).collect()).collect()
+            })
+            .collect();
+        let views: Vec<Vec<&[f32]>> =
+            grads.iter().map(|set| set.iter().map(Vec::as_slice).collect()).collect();
+        let sets: Vec<&[&[f32]]> = views.iter().map(Vec::as_slice).collect();
+        let (t, p) = (inputs.tasks(), inputs.params());
+        for g in [Granularity::TaskWise, Granularity::LayerWise] {
+            let lambda = vec![0.3f32; g.shape(t, p).iter().product()];
+            let many = project_many(&inputs, &sets, &lambda, g, false).unwrap();
+            assert_eq!(many.len(), 3);
+            for (k, set) in sets.iter().enumerate() {
+                let alone = project(&inputs, set, &lambda, g, false).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&many[k]), bits(&alone), "{g:?}, gradient {k}");
+            }
+            // And the projection is the dot with the task vectors (naive float64 sums).
+            let want: Vec<f64> = (0..t)
+                .flat_map(|i| (0..p).map(move |j| (i, j)))
+                .map(|(i, j)| {
+                    let name = &inputs.names[j];
+                    let (b, x) =
+                        (inputs.base.values(name).unwrap(), inputs.models[i].values(name).unwrap());
+                    (0..b.len()).map(|n| ((x[n] - b[n]) as f64) * grads[1][j][n] as f64).sum()
+                })
+                .collect();
+            let got = &many[1];
+            match g {
+                Granularity::LayerWise => {
+                    for (w, &v) in want.iter().zip(got) {
+                        assert!((w - v as f64).abs() <= 1e-6 * w.abs().max(1e-6), "{w} vs {v}");
+                    }
+                }
+                Granularity::TaskWise => {
+                    for i in 0..t {
+                        let w: f64 = want[i * p..(i + 1) * p].iter().sum();
+                        assert!(
+                            (w - got[i] as f64).abs() <= 1e-6 * w.abs().max(1e-6),
+                            "{w} vs {}",
+                            got[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_fused_lane_dots_have_the_bits_of_one_dot_each() {
+        for n in [0usize, 5, 8, 37, 1003] {
+            let x: Vec<f32> = (0..n).map(|k| (k as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|k| (k as f32 * 0.11).cos() * 0.5).collect();
+            let gs: Vec<Vec<f32>> = (0..3)
+                .map(|s| (0..n).map(|k| ((k + s) as f32 * 1.7).sin() * 1e-3).collect())
+                .collect();
+            let views: Vec<&[f32]> = gs.iter().map(Vec::as_slice).collect();
+            let mut out = vec![0f64; 3];
+            dot_delta_many(&views, &x, &b, &mut out);
+            for (k, g) in gs.iter().enumerate() {
+                assert_eq!(out[k].to_bits(), dot_delta(g, &x, &b).to_bits(), "n = {n}, k = {k}");
+            }
+        }
     }
 
     #[test]

@@ -206,11 +206,15 @@ pub fn adapt(
         }
     };
     let names = set.names();
-    let local: Vec<Box<dyn fusion_cluster::runtime::Executor>> =
-        executors(c, inputs, ctx, set, &devices)?
-            .into_iter()
-            .map(|e| Box::new(e) as Box<dyn fusion_cluster::runtime::Executor>)
-            .collect();
+    let local = executors(c, inputs, ctx, set, &devices)?;
+    // A worker may hold two batches of the items its executor projects in one pass (the same
+    // on every process: the model's size decides it), so one dispatch can hand it a step's
+    // items together; items go one per worker in turn, so several workers still share a step.
+    let batch = local.first().map_or(1, StepExecutor::batch_limit);
+    let local: Vec<Box<dyn fusion_cluster::runtime::Executor>> = local
+        .into_iter()
+        .map(|e| Box::new(e) as Box<dyn fusion_cluster::runtime::Executor>)
+        .collect();
     let bar = crate::progress::bar("adamerging", c.max_steps as usize, "steps");
     bar.inc(step);
     let every_steps = c.checkpoint_every_steps;
@@ -251,10 +255,11 @@ pub fn adapt(
     let started = std::time::Instant::now();
     let first_step = step;
     tracing::info!(tasks = ?names, shape = ?shape, steps = c.max_steps, batch_size = c.batch_size, seed, log_dir = %log_dir.display(), "test-time adaptation");
-    let (listen, options) = match ctx.launch.serve_addr() {
+    let (listen, mut options) = match ctx.launch.serve_addr() {
         Some(addr) => (Some(addr), ctx.launch.options_for(ctx.program)),
         None => (None, fusion_cluster::runtime::ClusterOptions::new("local", std::env::temp_dir())),
     };
+    options.in_flight_per_worker = options.in_flight_per_worker.max(2 * batch);
     let job_name = options.job_id.clone();
     let (outcome, summary) = fusion_cluster::runtime::run_job(
         local,
