@@ -19,6 +19,7 @@ pub mod models;
 pub mod program;
 pub mod progress;
 pub mod report;
+pub mod signals;
 pub mod sweep;
 pub mod tasks;
 pub mod tta;

@@ -32,10 +32,8 @@ pub use store::SweepStore;
 pub use summary::{summary_csv, table, Row};
 
 use crate::config::ProgramConfig;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 /// One setting of a sweep.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,17 +131,6 @@ pub fn sweep_id(cells: &[Cell]) -> String {
 pub fn default_dir(first: &ProgramConfig, cells: &[Cell]) -> PathBuf {
     let out = first.path.output_dir.as_deref().unwrap_or("outputs");
     Path::new(out).join("sweeps").join(sweep_id(cells))
-}
-
-/// A flag raised by SIGTERM or SIGUSR2 (Slurm's preemption signals; NCCL owns SIGUSR1). The
-/// sweep checks it between cells, so the current cell finishes and nothing is lost.
-pub fn stop_on_signals() -> Result<Arc<AtomicBool>> {
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR2] {
-        signal_hook::flag::register(sig, flag.clone())
-            .with_context(|| format!("installing the handler of signal {sig}"))?;
-    }
-    Ok(flag)
 }
 
 #[cfg(test)]

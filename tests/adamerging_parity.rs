@@ -15,12 +15,14 @@
 //! `scripts/fixtures/golden_fusionbench_adamerging_ddp.sh`): every rank's batches equal, λ within
 //! the same tolerance.
 
+mod common;
+
+use common::assert_same_report;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const LAMBDA_TOL: f64 = 1e-6;
-const LOSS_REL_TOL: f64 = 1.0 / 65536.0;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -61,24 +63,6 @@ fn run(dir: &Path, flavour: &str, extra: &[String]) -> (Value, Value) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let read = |p: &Path| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
     (read(&trace), read(&report))
-}
-
-/// Accuracies equal, losses within [`LOSS_REL_TOL`], same keys in the same order.
-fn assert_same_report(ours: &Value, theirs: &Value) {
-    let (o, t) = (ours.as_object().unwrap(), theirs.as_object().unwrap());
-    assert_eq!(o.keys().collect::<Vec<_>>(), t.keys().collect::<Vec<_>>());
-    assert_eq!(o["model_info"], t["model_info"]);
-    let mut compared = 0;
-    for (k, v) in t {
-        if k == "model_info" {
-            continue;
-        }
-        assert_eq!(o[k]["accuracy"], v["accuracy"], "{k}: accuracy");
-        let (a, b) = (o[k]["loss"].as_f64().unwrap(), v["loss"].as_f64().unwrap());
-        assert!((a - b).abs() <= LOSS_REL_TOL * b.abs(), "{k}: loss {a} vs FusionBench's {b}");
-        compared += 1;
-    }
-    assert_eq!(compared, 9, "eight tasks and the average");
 }
 
 fn check(flavour: &str) {

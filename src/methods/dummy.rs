@@ -14,6 +14,8 @@ impl Method for Dummy {
             weights: pool.load_pretrained_or_first()?,
             trainable: true,
             workers_done: false,
+            params: None,
+            options: Default::default(),
         })
     }
 }

@@ -11,9 +11,10 @@ mod dummy;
 mod pool;
 mod simd;
 mod simple_average;
-mod task_arithmetic;
+pub(crate) mod task_arithmetic;
 mod task_vector_cos_similarity;
 mod ties_merging;
+mod we_moe;
 
 pub use pool::{Checkpoint, ModelPool};
 
@@ -32,6 +33,12 @@ pub struct Merged {
     /// evaluates the result on its own devices (a worker has no final λ to evaluate with), so
     /// the worker exits.
     pub workers_done: bool,
+    /// `(all, trainable)` parameters for `model_info`, when they are not the weights' count
+    /// and `trainable` (a WE-MoE model: its state dict repeats a shared router per layer, and
+    /// only its routers train).
+    pub params: Option<(i64, i64)>,
+    /// How the evaluated model is built from `weights` beyond what they say (WE-MoE routing).
+    pub options: crate::models::clip::encoder::LoadOptions,
 }
 
 /// A model-merging method.
@@ -101,6 +108,16 @@ pub const REGISTRY: &[Entry] = &[
         build: |cfg, ctx| Ok(Box::new(adamerging::AdaMerging::from_config(cfg, ctx)?)),
     },
     Entry {
+        option: "wemoe/weight_ensembling_moe",
+        class: "CLIPWeightEnsemblingMoEAlgorithm",
+        build: |cfg, ctx| Ok(Box::new(we_moe::WeMoe::from_config(cfg, ctx, false)?)),
+    },
+    Entry {
+        option: "wemoe/sparse_weight_ensembling_moe",
+        class: "SparseCLIPWeightEnsemblingMoEAlgorithm",
+        build: |cfg, ctx| Ok(Box::new(we_moe::WeMoe::from_config(cfg, ctx, true)?)),
+    },
+    Entry {
         option: "analysis/task_vector_cos_similarity",
         class: "TaskVectorCosSimilarity",
         build: |cfg, ctx| {
@@ -147,7 +164,7 @@ mod tests {
     #[test]
     fn every_method_has_its_config_and_class() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/method");
-        assert_eq!(REGISTRY.len(), 6);
+        assert_eq!(REGISTRY.len(), 8);
         for e in REGISTRY {
             let path = dir.join(format!("{}.yaml", e.option));
             let text = std::fs::read_to_string(&path)

@@ -23,6 +23,12 @@ impl Method for SimpleAverage {
             }
             Ok(sum / t)
         })?;
-        Ok(Merged { weights, trainable: true, workers_done: false })
+        Ok(Merged {
+            weights,
+            trainable: true,
+            workers_done: false,
+            params: None,
+            options: Default::default(),
+        })
     }
 }

@@ -23,6 +23,11 @@ pub struct TaskArithmetic {
 }
 
 impl TaskArithmetic {
+    /// Task arithmetic at `scaling_factor` (WE-MoE builds its non-MLP weights this way).
+    pub fn with_scaling_factor(scaling_factor: f64) -> Self {
+        Self { scaling_factor }
+    }
+
     /// Reads `method.scaling_factor`.
     pub fn from_config(cfg: &MethodConfig) -> Result<Self> {
         crate::config::warn_unknown_keys(&cfg.section, &["_target_", "scaling_factor"]);
@@ -65,7 +70,13 @@ impl Method for TaskArithmetic {
             }
             Ok(out)
         })?;
-        Ok(Merged { weights, trainable: true, workers_done: false })
+        Ok(Merged {
+            weights,
+            trainable: true,
+            workers_done: false,
+            params: None,
+            options: Default::default(),
+        })
     }
 }
 

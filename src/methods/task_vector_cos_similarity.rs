@@ -76,6 +76,9 @@ impl TaskVectorCosSimilarity {
             Some(max) if flat.size()[0] > max => {
                 let d = flat.size()[0];
                 tracing::info!(max, "downsampling task vectors");
+                let _held = crate::tta::torch_rng::GLOBAL_GENERATOR
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 tch::manual_seed(self.seed as i64);
                 let idx = Tensor::randperm(d, (Kind::Int64, Device::Cpu)).narrow(0, 0, max);
                 flat.index_select(0, &idx)
@@ -138,6 +141,12 @@ impl Method for TaskVectorCosSimilarity {
             tracing::warn!("no output_path and no path.log_dir: the heatmap is not drawn");
         }
         let weights = pool.merge_per_tensor(|n, _| base.get(n))?;
-        Ok(Merged { weights, trainable: true, workers_done: false })
+        Ok(Merged {
+            weights,
+            trainable: true,
+            workers_done: false,
+            params: None,
+            options: Default::default(),
+        })
     }
 }

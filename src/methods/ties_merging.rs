@@ -266,7 +266,13 @@ impl Method for TiesMerging {
                 Ok(fixed)
             },
         )?;
-        Ok(Merged { weights, trainable: true, workers_done: false })
+        Ok(Merged {
+            weights,
+            trainable: true,
+            workers_done: false,
+            params: None,
+            options: Default::default(),
+        })
     }
 }
 

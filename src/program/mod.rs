@@ -135,7 +135,7 @@ pub fn run(
     if let Some(dir) = &plan.merged_model_save_path {
         save_vision_model(dir, &pool.config_source(), weights)?;
     }
-    let evaluators = evaluators(plan, hub, pool, weights)?;
+    let evaluators = evaluators(plan, hub, pool, merged)?;
     let devices: Vec<String> = evaluators.iter().map(|e| format!("{:?}", e.device())).collect();
     let names = evaluators[0].task_names();
     let items = evaluators[0].items();
@@ -180,8 +180,10 @@ pub fn run(
         computed_twice = summary.computed_twice,
         "evaluation done"
     );
-    let all = weights.numel();
-    let trainable = if merged.trainable { all } else { 0 };
+    let (all, trainable) = merged.params.unwrap_or_else(|| {
+        let all = weights.numel();
+        (all, if merged.trainable { all } else { 0 })
+    });
     let result = EvalResult { tasks, all_params: all, trainable_params: trainable };
     let report = result.report();
     if let Some(path) = &plan.report_save_path {
@@ -203,13 +205,13 @@ pub fn evaluators(
     plan: &EvalPlan,
     hub: &Hub,
     pool: &ModelPool,
-    weights: &WeightMap,
+    merged: &Merged,
 ) -> Result<Vec<Evaluator>> {
     let devices = crate::device::select_all(plan.accelerator, &plan.devices)?;
-    let first = evaluator(plan, hub, pool, weights, devices[0])?;
+    let first = evaluator(plan, hub, pool, merged, devices[0])?;
     let mut out = Vec::with_capacity(devices.len());
     for &d in &devices[1..] {
-        out.push(first.replicate(load_vision(pool, weights, d)?, d)?);
+        out.push(first.replicate(load_vision(pool, merged, d)?, d)?);
     }
     out.insert(0, first);
     let cpu_workers = devices.iter().filter(|d| **d == Device::Cpu).count();
@@ -229,22 +231,23 @@ pub fn evaluators(
     Ok(out)
 }
 
-fn load_vision(pool: &ModelPool, weights: &WeightMap, device: Device) -> Result<ClipVision> {
-    Ok(ClipVision::load(
-        &Scope::new(weights, device, Kind::Float).pp("vision_model"),
+fn load_vision(pool: &ModelPool, merged: &Merged, device: Device) -> Result<ClipVision> {
+    Ok(ClipVision::load_with(
+        &Scope::new(&merged.weights, device, Kind::Float).pp("vision_model"),
         pool.config(),
+        &merged.options,
     )?)
 }
 
-/// The evaluator of `plan` for merged `weights` (vision tower in the pool's architecture).
+/// The evaluator of `plan` for the merged model (vision tower in the pool's architecture).
 pub fn evaluator(
     plan: &EvalPlan,
     hub: &Hub,
     pool: &ModelPool,
-    weights: &WeightMap,
+    merged: &Merged,
     device: Device,
 ) -> Result<Evaluator> {
-    Evaluator::new(plan, hub, load_vision(pool, weights, device)?, device)
+    Evaluator::new(plan, hub, load_vision(pool, merged, device)?, device)
 }
 
 /// One part of an evaluation, computed apart from the others (a sweep shares a cell's
@@ -292,9 +295,11 @@ impl PartEvaluator {
         let device = *crate::device::select_all(plan.accelerator, &plan.devices)?
             .first()
             .context("no device")?;
-        let evaluator = evaluator(plan, hub, pool, &merged.weights, device)?;
-        let all_params = merged.weights.numel();
-        let trainable_params = if merged.trainable { all_params } else { 0 };
+        let evaluator = evaluator(plan, hub, pool, merged, device)?;
+        let (all_params, trainable_params) = merged.params.unwrap_or_else(|| {
+            let all = merged.weights.numel();
+            (all, if merged.trainable { all } else { 0 })
+        });
         Ok(Self { evaluator, all_params, trainable_params, device })
     }
 
@@ -375,7 +380,7 @@ pub fn run_worker(
     name: &str,
     options: &ClusterOptions,
 ) -> Result<()> {
-    let evaluators = evaluators(plan, hub, pool, &merged.weights)?;
+    let evaluators = evaluators(plan, hub, pool, merged)?;
     if evaluators.len() == 1 {
         let e = evaluators.into_iter().next().context("one evaluator")?;
         let summary = fusion_cluster::runtime::run_worker(coordinator, name, Box::new(e), options)

@@ -13,7 +13,7 @@ use super::key::{keyed, Keyed};
 use super::plan::{plan_sweep, SharedCell, SweepItem};
 use super::store::SweepStore;
 use super::summary::{table, Row};
-use super::{default_dir, expand, stop_on_signals, sweep_id, take_sweep_dir};
+use super::{default_dir, expand, sweep_id, take_sweep_dir};
 use crate::hub::identity::HashCache;
 use crate::hub::Hub;
 use crate::launch::Launch;
@@ -59,7 +59,9 @@ pub fn run_sweep(args: Vec<String>, launch: &Launch) -> Result<()> {
     let keyed: Vec<Keyed> = cells.iter().map(|c| keyed(c, &hub, &hashes)).collect::<Result<_>>()?;
     let dir = sweep_dir.unwrap_or_else(|| default_dir(&first.cfg, &cells));
     let store = SweepStore::open(&dir, &cells)?;
-    let stop = stop_on_signals()?;
+    // Held for the whole sweep: a signal stops it between cells.
+    let signals = crate::signals::StopSignals::install()?;
+    let stop = signals.flag();
     tracing::info!(cells = cells.len(), dir = %dir.display(), "sweep");
     let stopped = |done: usize| -> ! {
         tracing::warn!(done, of = cells.len(), "signal received: stopping the sweep for requeue");

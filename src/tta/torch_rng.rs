@@ -10,6 +10,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Held by whatever draws from libtorch's global default generator (seeding it, then drawing in
+/// an order that must not interleave with another user's): WE-MoE's router initialisation, and
+/// the tests that check this module against libtorch.
+pub static GLOBAL_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 const N: usize = 624;
 const M: usize = 397;
 
@@ -115,11 +120,10 @@ impl TorchGenerator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
     use tch::{Device, Kind, Tensor};
 
     /// libtorch's default generator is global: the tests that reseed it take turns.
-    static GLOBAL: Mutex<()> = Mutex::new(());
+    static GLOBAL: &std::sync::Mutex<()> = &GLOBAL_GENERATOR;
 
     #[test]
     fn int64_draws_match_libtorch() {

@@ -64,6 +64,12 @@ impl<'a> Scope<'a> {
         self.device
     }
 
+    /// The shape of `name`, read without checking it against anything (a model whose sizes
+    /// are not all in its config, such as a WE-MoE block's expert count, reads them here).
+    pub fn shape(&self, name: &str) -> Result<Vec<i64>, WeightError> {
+        Ok(self.source.tensor(&self.path(name))?.size())
+    }
+
     /// The tensor `name`, checked to have `shape`, on this scope's device and dtype.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor, WeightError> {
         let full = self.path(name);

@@ -1,5 +1,5 @@
-//! Shared by the integration tests: driving a bash harness with this build's `fusion_bench`, and
-//! comparing safetensors files byte for byte.
+//! Shared by the integration tests: driving a bash harness with this build's `fusion_bench`,
+//! comparing safetensors files byte for byte, and comparing reports with FusionBench's.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -71,4 +71,27 @@ pub fn assert_same_safetensors(ours: &Path, golden: &Path) -> usize {
         }
     }
     names.len()
+}
+
+/// Relative tolerance of a report's losses against FusionBench's (BLAS differs in the last bits
+/// between CPUs; accuracies must be equal).
+pub const LOSS_REL_TOL: f64 = 1.0 / 65536.0;
+
+/// Accuracies equal, losses within [`LOSS_REL_TOL`], the same keys in the same order and the
+/// same `model_info`: our report against FusionBench's (eight tasks and the average).
+pub fn assert_same_report(ours: &serde_json::Value, theirs: &serde_json::Value) {
+    let (o, t) = (ours.as_object().unwrap(), theirs.as_object().unwrap());
+    assert_eq!(o.keys().collect::<Vec<_>>(), t.keys().collect::<Vec<_>>());
+    assert_eq!(o["model_info"], t["model_info"]);
+    let mut compared = 0;
+    for (k, v) in t {
+        if k == "model_info" {
+            continue;
+        }
+        assert_eq!(o[k]["accuracy"], v["accuracy"], "{k}: accuracy");
+        let (a, b) = (o[k]["loss"].as_f64().unwrap(), v["loss"].as_f64().unwrap());
+        assert!((a - b).abs() <= LOSS_REL_TOL * b.abs(), "{k}: loss {a} vs FusionBench's {b}");
+        compared += 1;
+    }
+    assert_eq!(compared, 9, "eight tasks and the average");
 }

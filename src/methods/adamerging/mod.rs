@@ -207,6 +207,8 @@ impl Method for AdaMerging {
                     weights: crate::weights::WeightMap::new(),
                     trainable: false,
                     workers_done: true,
+                    params: None,
+                    options: Default::default(),
                 });
             }
             None => {
@@ -221,7 +223,13 @@ impl Method for AdaMerging {
             }
         };
         let weights = merge::merge(&inputs, &lambda, c.granularity, c.clamp_weights)?;
-        Ok(Merged { weights, trainable: false, workers_done: ctx.launch.serve.is_some() })
+        Ok(Merged {
+            weights,
+            trainable: false,
+            workers_done: ctx.launch.serve.is_some(),
+            params: None,
+            options: Default::default(),
+        })
     }
 }
 

@@ -63,7 +63,7 @@ const LOGGED: [&str; 4] =
 
 /// The seed of the shuffles: the program's `seed`, else a fresh one (logged, so the run can be
 /// repeated; a checkpoint keeps it, so a resumed unseeded run goes on with its own).
-fn seed_of(program: &ProgramConfig) -> u64 {
+pub(crate) fn seed_of(program: &ProgramConfig) -> u64 {
     program.seed.unwrap_or_else(|| {
         let s = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -81,26 +81,38 @@ fn seed_of(program: &ProgramConfig) -> u64 {
 /// The task set AdaMerging adapts on: the pool's `test_datasets` in model order, heads from
 /// `_pretrained_`, FusionBench's `CLIPClassificationMixin`.
 fn task_set(ctx: &RunContext<'_>, inputs: &Inputs) -> Result<TaskSet> {
+    let names: Vec<&str> = inputs.models.iter().map(|m| m.name()).collect();
+    test_time_tasks(ctx, &names, "adamerging")
+}
+
+/// The task set a test-time adaptation adapts on: each model's test split (from
+/// `modelpool.test_datasets`), its zero-shot head, decoded images cached. `method` names the
+/// method in errors.
+pub(crate) fn test_time_tasks(
+    ctx: &RunContext<'_>,
+    models: &[&str],
+    method: &str,
+) -> Result<TaskSet> {
     let mp = &ctx.program.modelpool;
     let base = mp
         .models
         .iter()
         .find(|(n, _)| n == "_pretrained_")
         .map(|(_, m)| m.path.clone())
-        .context("adamerging needs modelpool.models._pretrained_")?;
+        .with_context(|| format!("{method} needs modelpool.models._pretrained_"))?;
     let processor = mp.processor.as_ref().map(|p| p.path.clone()).unwrap_or_else(|| base.clone());
     let tests = mp.test_datasets.as_deref().unwrap_or(&[]);
     let mut tasks = Vec::new();
-    for m in &inputs.models {
-        let (_, d) = tests.iter().find(|(n, _)| n == m.name()).with_context(|| {
+    for &m in models {
+        let (_, d) = tests.iter().find(|(n, _)| n == m).with_context(|| {
             format!(
-                "adamerging adapts on each model's test split, and modelpool.test_datasets has no `{}` (it has: {})",
-                m.name(),
+                "{method} adapts on each model's test split, and modelpool.test_datasets has no `{}` (it has: {})",
+                m,
                 tests.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
             )
         })?;
         tasks.push((
-            m.name().to_string(),
+            m.to_string(),
             DatasetRef { id: d.path.clone(), config: d.name.clone(), split: d.split.clone() },
         ));
     }
@@ -116,7 +128,7 @@ fn task_set(ctx: &RunContext<'_>, inputs: &Inputs) -> Result<TaskSet> {
     let mut set = TaskSet::load(&spec, ctx.hub, tch::Device::Cpu)?;
     for t in &set.tasks {
         if t.data.is_empty() {
-            bail!("task `{}`: its test split is empty, and adamerging adapts on it", t.name);
+            bail!("task `{}`: its test split is empty, and {method} adapts on it", t.name);
         }
     }
     if let Some(cache) = &crop_cache {
@@ -221,7 +233,10 @@ pub fn adapt(
     let every = std::time::Duration::from_secs_f64(c.checkpoint_every_seconds);
     let mut last_save = std::time::Instant::now();
     let mut param = Tensor::from_slice(&lambda).view(shape_i64.as_slice());
-    let stop = crate::sweep::stop_on_signals()?;
+    // Held until the adaptation ends: a signal after it (during evaluation, say) is handled by
+    // whatever holds one then, a sweep, or else ends the process (`crate::signals`).
+    let signals = crate::signals::StopSignals::install()?;
+    let stop = signals.flag();
     // The state at the last step boundary. On SIGTERM/SIGUSR2 a watcher writes it and ends the
     // process at once, rather than after the step under way (an L/14 step can outlast a
     // cluster's KillWait, and the steps since the last periodic checkpoint would be lost).

@@ -1,7 +1,10 @@
 //! The pre-LN transformer encoder both CLIP towers share (`CLIPEncoderLayer`):
-//! `h += out_proj(MHA(LN1 h))`, then `h += fc2(act(fc1(LN2 h)))`.
+//! `h += out_proj(MHA(LN1 h))`, then `h += mlp(LN2 h)`, where the MLP slot holds the dense
+//! `fc2(act(fc1(·)))` or, for a WE-MoE model, a weight-ensembling block
+//! ([`crate::models::we_moe`]), recognised by its state-dict names.
 
-use super::config::EncoderConfig;
+use super::config::{Activation, EncoderConfig};
+use crate::models::we_moe::{Routing, WeMoeMlp};
 use crate::weights::{Scope, WeightError};
 use tch::Tensor;
 
@@ -66,6 +69,55 @@ impl LayerNorm {
     }
 }
 
+/// What fills a layer's MLP slot.
+#[derive(Debug)]
+pub enum Mlp {
+    /// `fc2(act(fc1(x)))` (`mlp.fc{1,2}.*`).
+    Dense {
+        /// `hidden → intermediate`.
+        fc1: Linear,
+        /// `intermediate → hidden`.
+        fc2: Linear,
+    },
+    /// A weight-ensembling MoE block (`mlp.gate.*`, `mlp.base_model.*`, `mlp.task_vectors.*`).
+    WeightEnsembling(Box<WeMoeMlp>),
+}
+
+impl Mlp {
+    /// Loads the slot under `s` (a layer's `mlp` scope): dense when `fc1.weight` is there, else a
+    /// WE-MoE block.
+    fn load(
+        s: &Scope,
+        c: &EncoderConfig,
+        layer: usize,
+        options: &LoadOptions,
+    ) -> Result<Self, WeightError> {
+        let (h, m) = (c.hidden_size, c.intermediate_size);
+        if s.contains("fc1.weight") || !s.contains("base_model.fc1.weight") {
+            return Ok(Mlp::Dense {
+                fc1: Linear::load(&s.pp("fc1"), m, h)?,
+                fc2: Linear::load(&s.pp("fc2"), h, m)?,
+            });
+        }
+        Ok(Mlp::WeightEnsembling(Box::new(WeMoeMlp::load(s, h, m, layer, options.routing)?)))
+    }
+
+    /// The slot's output for `x` (the LN2 output).
+    pub fn forward(&self, x: &Tensor, activation: Activation) -> Tensor {
+        match self {
+            Mlp::Dense { fc1, fc2 } => fc2.forward(&activation.apply(&fc1.forward(x))),
+            Mlp::WeightEnsembling(b) => b.forward(x, activation),
+        }
+    }
+}
+
+/// Choices a loaded model makes that its weights do not say.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// How WE-MoE blocks route (FusionBench's batch routing by default).
+    pub routing: Routing,
+}
+
 /// One encoder layer.
 #[derive(Debug)]
 pub struct EncoderLayer {
@@ -74,14 +126,18 @@ pub struct EncoderLayer {
     v: Linear,
     out: Linear,
     ln1: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    mlp: Mlp,
     ln2: LayerNorm,
 }
 
 impl EncoderLayer {
-    fn load(s: &Scope, c: &EncoderConfig) -> Result<Self, WeightError> {
-        let (h, m, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
+    fn load(
+        s: &Scope,
+        c: &EncoderConfig,
+        layer: usize,
+        options: &LoadOptions,
+    ) -> Result<Self, WeightError> {
+        let (h, eps) = (c.hidden_size, c.layer_norm_eps);
         let a = s.pp("self_attn");
         Ok(Self {
             k: Linear::load(&a.pp("k_proj"), h, h)?,
@@ -89,10 +145,14 @@ impl EncoderLayer {
             q: Linear::load(&a.pp("q_proj"), h, h)?,
             out: Linear::load(&a.pp("out_proj"), h, h)?,
             ln1: LayerNorm::load(&s.pp("layer_norm1"), h, eps)?,
-            fc1: Linear::load(&s.pp("mlp").pp("fc1"), m, h)?,
-            fc2: Linear::load(&s.pp("mlp").pp("fc2"), h, m)?,
+            mlp: Mlp::load(&s.pp("mlp"), c, layer, options)?,
             ln2: LayerNorm::load(&s.pp("layer_norm2"), h, eps)?,
         })
+    }
+
+    /// The layer's MLP slot.
+    pub fn mlp(&self) -> &Mlp {
+        &self.mlp
     }
 
     fn forward(&self, h: &Tensor, c: &EncoderConfig, mask: Option<&Tensor>) -> Tensor {
@@ -107,8 +167,7 @@ impl EncoderLayer {
         let a = a.transpose(1, 2).contiguous().view([b, l, d]);
         let h = h + self.out.forward(&a);
         let x = self.ln2.forward(&h);
-        let x = self.fc2.forward(&c.activation.apply(&self.fc1.forward(&x)));
-        h + x
+        h + self.mlp.forward(&x, c.activation)
     }
 }
 
@@ -122,10 +181,24 @@ pub struct Encoder {
 impl Encoder {
     /// Loads `layers.{0..n}` under `s` (the `encoder` scope).
     pub fn load(s: &Scope, c: &EncoderConfig) -> Result<Self, WeightError> {
+        Self::load_with(s, c, &LoadOptions::default())
+    }
+
+    /// [`Encoder::load`] with `options`.
+    pub fn load_with(
+        s: &Scope,
+        c: &EncoderConfig,
+        options: &LoadOptions,
+    ) -> Result<Self, WeightError> {
         let layers = (0..c.num_hidden_layers)
-            .map(|i| EncoderLayer::load(&s.pp("layers").pp(i), c))
+            .map(|i| EncoderLayer::load(&s.pp("layers").pp(i), c, i as usize, options))
             .collect::<Result<_, _>>()?;
         Ok(Self { layers, config: c.clone() })
+    }
+
+    /// The layers.
+    pub fn layers(&self) -> &[EncoderLayer] {
+        &self.layers
     }
 
     /// Runs every layer; `mask` (bool, `[B, 1, L, L]`, true = may attend) is optional.

@@ -2,7 +2,7 @@
 //! pre-LN, encoder, post-LN on the class token.
 
 use super::config::VisionConfig;
-use super::encoder::{Encoder, LayerNorm, LAYER_PARAMS};
+use super::encoder::{Encoder, LayerNorm, LoadOptions, LAYER_PARAMS};
 use crate::weights::{Scope, WeightError};
 use tch::Tensor;
 
@@ -77,7 +77,17 @@ pub struct ClipVision {
 
 impl ClipVision {
     /// Loads the tower from `s`, the `vision_model` scope, checking every shape against `config`.
+    /// A layer whose MLP is a WE-MoE block (FusionBench's state-dict names) loads as one.
     pub fn load(s: &Scope, config: &VisionConfig) -> Result<Self, WeightError> {
+        Self::load_with(s, config, &LoadOptions::default())
+    }
+
+    /// [`ClipVision::load`] with `options` (how WE-MoE blocks route).
+    pub fn load_with(
+        s: &Scope,
+        config: &VisionConfig,
+        options: &LoadOptions,
+    ) -> Result<Self, WeightError> {
         let c = config;
         let h = c.encoder.hidden_size;
         let eps = c.encoder.layer_norm_eps;
@@ -88,7 +98,7 @@ impl ClipVision {
                 .get("patch_embedding.weight", &[h, c.num_channels, c.patch_size, c.patch_size])?,
             position_embedding: e.get("position_embedding.weight", &[c.num_positions(), h])?,
             pre_layrnorm: LayerNorm::load(&s.pp("pre_layrnorm"), h, eps)?,
-            encoder: Encoder::load(&s.pp("encoder"), &c.encoder)?,
+            encoder: Encoder::load_with(&s.pp("encoder"), &c.encoder, options)?,
             post_layernorm: LayerNorm::load(&s.pp("post_layernorm"), h, eps)?,
             config: c.clone(),
         })
@@ -97,6 +107,11 @@ impl ClipVision {
     /// The tower's config.
     pub fn config(&self) -> &VisionConfig {
         &self.config
+    }
+
+    /// The encoder.
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
     }
 
     /// The final hidden states `[B, tokens, hidden]` (`last_hidden_state`).
