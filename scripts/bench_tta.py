@@ -47,19 +47,27 @@ CLASSES = {"sun397": 397, "stanford-cars": 196, "resisc45": 45, "eurosat": 10, "
 DATASET = {"stanford-cars": "stanford_cars"}
 
 
-def args(flavour, steps, out_pt, size="fixtures"):
+def pool_overrides(size):
+    """The model pool's words for `size`: `modelpool=...` first, then (beyond the fixtures) the
+    removals of svhn and mnist. Shared with bench_wemoe.py."""
     pool = "clip-vit-large-patch14_TA8" if size == "l14" else "clip-vit-base-patch32_TA8"
+    out = [f"modelpool=CLIPVisionModelPool/{pool}"]
+    if size != "fixtures":
+        out += ["~modelpool.models.svhn", "~modelpool.models.mnist",
+                "~modelpool.test_datasets.svhn", "~modelpool.test_datasets.mnist",
+                "~modelpool.train_datasets.svhn", "~modelpool.train_datasets.mnist"]
+    return out
+
+
+def args(flavour, steps, out_pt, size="fixtures"):
+    pool, *drop = pool_overrides(size)
     a = ["method=adamerging/clip", f"method.name=clip_{flavour}_adamerging",
          f"method.save_merging_weights={out_pt}", f"method.max_steps={steps}",
-         f"modelpool=CLIPVisionModelPool/{pool}", "taskpool=dummy",
+         pool, "taskpool=dummy",
          "fabric.accelerator=cpu", "print_config=false", "seed=42"]
     if size == "l14":
         a.append("method.batch_size=4")
-    if size != "fixtures":
-        a += ["~modelpool.models.svhn", "~modelpool.models.mnist",
-              "~modelpool.test_datasets.svhn", "~modelpool.test_datasets.mnist",
-              "~modelpool.train_datasets.svhn", "~modelpool.train_datasets.mnist"]
-    return a
+    return a + drop
 
 
 REPOS = {"sun397": "tanganke/sun397", "stanford-cars": "tanganke/stanford_cars",
@@ -177,12 +185,13 @@ def timed(cmd, env, cwd):
     return dt, stderr, usage.ru_maxrss / 1024, anon / 1024
 
 
-def loop_seconds(stderr, side):
-    """The adaptation loop's seconds and steps: ours from its log line, FusionBench's tqdm bar."""
+def loop_seconds(stderr, side, bar="AdaMerging Test-time adaptation"):
+    """The adaptation loop's seconds and steps: ours from its log line, FusionBench's tqdm bar
+    (its description `bar`: AdaMerging's by default; bench_wemoe.py passes WE-MoE's)."""
     if side == "ours":
         m = re.findall(r"test-time adaptation loop\b.*?\bsteps=(\d+)\b.*?\bseconds=([0-9.eE+-]+)", stderr)
         return (float(m[-1][1]), int(m[-1][0])) if m else (float("nan"), 1)
-    m = re.findall(r"AdaMerging Test-time adaptation:\s+100%\|[^|]*\|\s*(\d+)/\d+ \[(?:(\d+):)?(\d+):(\d+)<",
+    m = re.findall(re.escape(bar) + r":\s+100%\|[^|]*\|\s*(\d+)/\d+ \[(?:(\d+):)?(\d+):(\d+)<",
                    stderr.replace("\r", "\n"))
     if not m:
         return float("nan"), 1
@@ -249,9 +258,43 @@ def compare(a, hf_home, env, flavour, size):
               f"marginal step {mt / mo:5.2f}x;  max |λ ours - λ FusionBench| = {diff:.2e}")
 
 
+def loopback(base, env, cwd):
+    """`base` (our command line) as 2 processes on loopback: a `--serve 127.0.0.1:0` coordinator
+    that computes too and one `--join` worker (in cwd/w), sharing the job folder cwd/job. Returns
+    the coordinator's stderr (ANSI codes removed); exits if it fails. Shared with bench_wemoe.py."""
+    import threading
+    job = os.path.join(cwd, "job")
+    coord = subprocess.Popen(base + ["--serve", "127.0.0.1:0", "--min-workers", "1", "--wait", "120",
+                                     "--job-dir", job], env=env, cwd=cwd,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    addr = None
+    for line in coord.stderr:
+        lines.append(ANSI.sub("", line))
+        m = re.search(r"coordinator listening.*?addr=(\S+)", lines[-1])
+        if m:
+            addr = m.group(1)
+            break
+    if addr is None:
+        sys.exit("the coordinator did not say where it listens:\n" + "".join(lines[-30:]))
+    wcwd = os.path.join(cwd, "w")
+    os.makedirs(wcwd)
+    worker = subprocess.Popen(base + ["--join", addr, "--node-name", "w1", "--job-dir", job],
+                              env=env, cwd=wcwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rest = []
+    t = threading.Thread(target=lambda: rest.extend(coord.stderr))
+    t.start()
+    coord.wait()
+    worker.wait()
+    t.join()
+    err = "".join(lines) + ANSI.sub("", "".join(rest))
+    if coord.returncode != 0:
+        sys.exit("the 2-process run failed:\n" + err[-3000:])
+    return err
+
+
 def exchange(a, hf_home, env):
     """Ours, 1 process against 2 on loopback: loop time per step and the exchange share."""
-    import threading
     ours_bin = os.path.join(ROOT, "target", "release", "fusion_bench")
     rows = {1: [], 2: []}
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
@@ -264,33 +307,7 @@ def exchange(a, hf_home, env):
                 if procs == 1:
                     _, err, _, _ = timed(base, env, cwd)
                 else:
-                    job = os.path.join(cwd, "job")
-                    coord = subprocess.Popen(base + ["--serve", "127.0.0.1:0", "--min-workers", "1", "--wait", "120",
-                                                     "--job-dir", job], env=env, cwd=cwd,
-                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                    lines = []
-                    addr = None
-                    for line in coord.stderr:
-                        lines.append(ANSI.sub("", line))
-                        m = re.search(r"coordinator listening.*?addr=(\S+)", lines[-1])
-                        if m:
-                            addr = m.group(1)
-                            break
-                    if addr is None:
-                        sys.exit("the coordinator did not say where it listens:\n" + "".join(lines[-30:]))
-                    wcwd = os.path.join(cwd, "w")
-                    os.makedirs(wcwd)
-                    worker = subprocess.Popen(base + ["--join", addr, "--node-name", "w1", "--job-dir", job],
-                                              env=env, cwd=wcwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    rest = []
-                    t = threading.Thread(target=lambda: rest.extend(coord.stderr))
-                    t.start()
-                    coord.wait()
-                    worker.wait()
-                    t.join()
-                    err = "".join(lines) + ANSI.sub("", "".join(rest))
-                    if coord.returncode != 0:
-                        sys.exit("the 2-process run failed:\n" + err[-3000:])
+                    err = loopback(base, env, cwd)
                 rows[procs].append((log_field(err, "test-time adaptation loop", "seconds_per_step"),
                                     log_field(err, "test-time adaptation loop", "exchange_share")))
     print(f"layer-wise AdaMerging on the fixtures, {a.steps} steps, ours (median of {a.repeats}):")

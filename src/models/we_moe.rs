@@ -50,9 +50,9 @@ pub enum Router {
     },
     /// Depth 2: `r(h) = W₂ ReLU(W₁ h + b₁) + b₂`, `gate.fc1`, `gate.fc2`.
     Mlp {
-        /// `hidden(+d) → hidden`.
+        /// `hidden(+d) → hidden(+d)`.
         fc1: Linear,
-        /// `hidden → T`.
+        /// `hidden(+d) → T`.
         fc2: Linear,
     },
 }
@@ -294,9 +294,10 @@ mod tests {
                 map.insert("mlp.gate.fc.bias", randn(&[t]));
             }
             _ => {
-                map.insert("mlp.gate.fc1.weight", randn(&[h, h + pe as i64]));
-                map.insert("mlp.gate.fc1.bias", randn(&[h]));
-                map.insert("mlp.gate.fc2.weight", randn(&[t, h]));
+                let g = h + pe as i64;
+                map.insert("mlp.gate.fc1.weight", randn(&[g, g]));
+                map.insert("mlp.gate.fc1.bias", randn(&[g]));
+                map.insert("mlp.gate.fc2.weight", randn(&[t, g]));
                 map.insert("mlp.gate.fc2.bias", randn(&[t]));
             }
         }

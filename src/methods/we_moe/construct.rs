@@ -31,15 +31,15 @@ pub struct Layout {
 impl Layout {
     /// The router's tensors under `gate.` with their shapes, in `named_parameters()` order.
     pub fn router_shapes(&self) -> Vec<(&'static str, Vec<i64>)> {
-        let (h, t) = (self.hidden, self.experts as i64);
-        let inp = h + self.position_dim as i64;
+        // FusionBench widens the whole router by the position encoding (its hidden layer too).
+        let (g, t) = (self.hidden + self.position_dim as i64, self.experts as i64);
         match self.depth {
             0 => vec![("weight", vec![t])],
-            1 => vec![("fc.weight", vec![t, inp]), ("fc.bias", vec![t])],
+            1 => vec![("fc.weight", vec![t, g]), ("fc.bias", vec![t])],
             _ => vec![
-                ("fc1.weight", vec![h, inp]),
-                ("fc1.bias", vec![h]),
-                ("fc2.weight", vec![t, h]),
+                ("fc1.weight", vec![g, g]),
+                ("fc1.bias", vec![g]),
+                ("fc2.weight", vec![t, g]),
                 ("fc2.bias", vec![t]),
             ],
         }
@@ -216,8 +216,11 @@ mod tests {
         assert_eq!(keys, want);
         let l0 = Layout { depth: 0, ..l.clone() };
         assert_eq!(l0.router_shapes(), vec![("weight", vec![2])]);
-        let l1 = Layout { depth: 1, position_dim: 8, ..l };
+        let l1 = Layout { depth: 1, position_dim: 8, ..l.clone() };
         assert_eq!(l1.router_shapes()[0], ("fc.weight", vec![2, 12]));
+        let l2 = Layout { position_dim: 8, ..l };
+        assert_eq!(l2.router_shapes()[0], ("fc1.weight", vec![12, 12]));
+        assert_eq!(l2.router_shapes()[2], ("fc2.weight", vec![2, 12]));
     }
 
     #[test]

@@ -180,6 +180,6 @@ mod tests {
         let b = init.layer(1, &layout).unwrap();
         assert_eq!(init.draws(), before);
         assert_eq!(a[0].1, b[0].1);
-        assert_eq!(a[0].1.size(), vec![20, 28]);
+        assert_eq!(a[0].1.size(), vec![28, 28]);
     }
 }

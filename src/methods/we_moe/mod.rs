@@ -13,6 +13,7 @@
 pub mod checkpoint;
 pub mod construct;
 pub mod init;
+pub mod step;
 pub mod tta;
 
 use super::{Merged, Method, RunContext};
@@ -62,6 +63,12 @@ pub struct WeMoeConfig {
     /// `per_sample_routing` (ours, default false): evaluate routing each sample on its own, as
     /// the paper describes, instead of FusionBench's batch average. Changes the numbers.
     pub per_sample_routing: bool,
+    /// `checkpoint_every_steps` (ours, default 50): how often the router training is
+    /// checkpointed under `path.cache_dir/tta/`, besides every `checkpoint_every_seconds` (300),
+    /// at the end and on SIGTERM/SIGUSR2.
+    pub checkpoint_every_steps: u64,
+    /// `checkpoint_every_seconds` (ours, default 300).
+    pub checkpoint_every_seconds: f64,
 }
 
 const KEYS: &[&str] = &[
@@ -88,6 +95,8 @@ const KEYS: &[&str] = &[
     "position_encoding",
     "position_encoding_dim",
     "per_sample_routing",
+    "checkpoint_every_steps",
+    "checkpoint_every_seconds",
 ];
 
 /// A path key that FusionBench also takes as `False` (not set).
@@ -171,6 +180,16 @@ impl WeMoeConfig {
             position_encoding: sparse && s.get::<bool>("position_encoding")?.unwrap_or(false),
             position_encoding_dim: pe_dim as usize,
             per_sample_routing: s.get::<bool>("per_sample_routing")?.unwrap_or(false),
+            checkpoint_every_steps: match s.get::<i64>("checkpoint_every_steps")?.unwrap_or(50) {
+                n if n >= 1 => n as u64,
+                n => bail!("method.checkpoint_every_steps must be at least 1, got {n}"),
+            },
+            checkpoint_every_seconds: match s.get::<f64>("checkpoint_every_seconds")? {
+                Some(x) if x.is_nan() || x <= 0.0 => {
+                    bail!("method.checkpoint_every_seconds must be positive, got {x}")
+                }
+                x => x.unwrap_or(300.0),
+            },
         })
     }
 
@@ -222,9 +241,6 @@ impl Method for WeMoe {
         if experts == 0 {
             bail!("weight-ensembling MoE: the model pool has no fine-tuned models");
         }
-        if c.sparse && c.post_sparse_gate {
-            bail!("method.post_sparse_gate=true is not supported yet (routers pruned after the adaptation)");
-        }
         let layout = c.layout(ctx, experts);
         let dense = construct::dense_keys(ctx);
         let keys = layout.keys(&dense);
@@ -234,9 +250,6 @@ impl Method for WeMoe {
                 checkpoint::load(path, &keys, c.shared_gate)?
             }
             None => {
-                if ctx.launch.join.is_some() {
-                    bail!("weight-ensembling MoE's router training does not run on cluster workers yet: run it in one process (or pass method.checkpoint=)");
-                }
                 let seed = crate::methods::adamerging::tta::seed_of(ctx.program);
                 let towers = experts + 1;
                 let mut routers = init::RouterInit::new(
@@ -250,6 +263,18 @@ impl Method for WeMoe {
                     construct::construct(ctx, &layout, c.init_lambda, c.pruning(), &mut routers)?;
                 let draws = routers.draws();
                 drop(routers);
+                if let Some(addr) = ctx.launch.join {
+                    // A worker: its routers come from the coordinator; the coordinator
+                    // evaluates the trained model.
+                    tta::work(c, ctx, map, addr)?;
+                    return Ok(Merged {
+                        weights: crate::weights::WeightMap::new(),
+                        trainable: true,
+                        workers_done: true,
+                        params: None,
+                        options: Default::default(),
+                    });
+                }
                 let trained = tta::adapt(c, ctx, &layout, map, seed, draws)?;
                 if let Some(path) = &c.save_checkpoint {
                     checkpoint::save(path, &trained)?;
@@ -257,6 +282,11 @@ impl Method for WeMoe {
                 }
                 trained
             }
+        };
+        let weights = if c.post_sparse_gate {
+            prune_routers(weights, c.gate_prune_ratio, c.shared_gate)?
+        } else {
+            weights
         };
         let routers: i64 =
             layout.router_shapes().iter().map(|(_, s)| s.iter().product::<i64>()).sum();
@@ -267,12 +297,48 @@ impl Method for WeMoe {
         } else {
             Routing::Batch
         };
+        // After a cluster's training its workers are released: the coordinator evaluates.
+        let trained_on_cluster = c.checkpoint.is_none() && ctx.launch.serve.is_some();
         Ok(Merged {
             weights,
             trainable: true,
-            workers_done: false,
+            workers_done: trained_on_cluster,
             params: Some((all, routers * router_copies)),
             options: crate::models::clip::encoder::LoadOptions { routing },
         })
     }
+}
+
+/// FusionBench's `construct_post_spare_gate_model`: layer by layer, every router tensor
+/// magnitude-pruned at `ratio` ([`construct::magnitude_prune`]). A shared router is the same
+/// tensors in every layer, so it is pruned once per layer, each time of what the last left.
+fn prune_routers(
+    mut weights: crate::weights::WeightMap,
+    ratio: f64,
+    shared: bool,
+) -> Result<crate::weights::WeightMap> {
+    let _guard = tch::no_grad_guard();
+    let suffix = |name: &str| name.split_once(".mlp.gate.").map(|(_, r)| r.to_string());
+    let names: Vec<String> =
+        weights.names().iter().filter(|n| n.contains(".mlp.gate.")).cloned().collect();
+    let mut current: std::collections::HashMap<String, tch::Tensor> = Default::default();
+    for name in &names {
+        let key = suffix(name).unwrap_or_default();
+        let t = match current.get(&key).filter(|_| shared) {
+            Some(t) => t.shallow_clone(),
+            None => weights.get(name).context("a listed router tensor")?.shallow_clone(),
+        };
+        let pruned = construct::magnitude_prune(&t, ratio)
+            .with_context(|| format!("post_sparse_gate: pruning `{name}`"))?;
+        current.insert(key, pruned.shallow_clone());
+        weights.insert(name.clone(), pruned);
+    }
+    if shared {
+        // Every layer evaluates with the router as the last layer's pruning left it.
+        for name in &names {
+            let key = suffix(name).unwrap_or_default();
+            weights.insert(name.clone(), current[&key].shallow_clone());
+        }
+    }
+    Ok(weights)
 }

@@ -1,58 +1,185 @@
-//! WE-MoE's test-time adaptation (FusionBench's `WeightEnsemblingMoEAlgorithm.test_time_adaptation`):
-//! per step, for each task in pool order, one batch of its shuffled, endlessly reshuffled test
-//! split through the MoE model, the entropy of its zero-shot predictions, and the routers'
-//! gradient; the tasks' gradients summed in task order (as `backward` per task accumulates them
-//! with `use_grad_accumulate`; FusionBench's other mode backpropagates the summed losses once,
-//! the same gradient up to float rounding), then one Adam step (torch's defaults, `lr`) on every
-//! router tensor.
+//! WE-MoE's test-time adaptation (FusionBench's `WeightEnsemblingMoEAlgorithm.test_time_adaptation`),
+//! data-parallel on the cluster runtime: per step, one item per task in pool order (its batch of
+//! the shuffled, endlessly reshuffled test split, [`Loaders`] replaying FusionBench's with
+//! `seed`), computed by whichever worker ([`RouterExecutor`]); the items' router gradients
+//! folded in item order (float32, as `backward` per task accumulates them with
+//! `use_grad_accumulate`; FusionBench's other mode backpropagates the summed losses once, the
+//! same gradient up to rounding); one Adam step (torch's defaults, `lr`) per router tensor on the
+//! coordinator; the new routers broadcast to every worker. The trajectory does not depend on how
+//! many processes computed it.
 //!
-//! The batches replay FusionBench's with `seed` ([`Loaders`], after the draws of the model loads
-//! and of the router initialisation). Runs in this process; data-parallel steps on the cluster
-//! are to come.
+//! The state (routers, Adam's moments, step, loaders, losses) is checkpointed atomically under
+//! `path.cache_dir/tta/` every `+method.checkpoint_every_steps` (50) steps or
+//! `+method.checkpoint_every_seconds` (300), at the end, and at the first step boundary after
+//! SIGTERM/SIGUSR2 (then the process exits 143); the same command resumes from it.
 
 use super::construct::Layout;
 use super::init::normal_draws;
+use super::step::{fold, unflatten, RouterExecutor, RouterState, StepItem, StepResult};
 use super::WeMoeConfig;
 use crate::methods::RunContext;
 use crate::models::clip::encoder::LoadOptions;
-use crate::models::clip::ClipVision;
 use crate::models::we_moe::Routing;
-use crate::tasks::zeroshot;
-use crate::tta::adam::{Adam, AdamConfig};
-use crate::tta::entropy::entropy_loss;
+use crate::tasks::set::TaskSet;
+use crate::tta::adam::{Adam, AdamConfig, AdamState};
 use crate::tta::loaders::Loaders;
-use crate::weights::{Scope, WeightMap};
-use anyhow::{Context, Result};
-use tch::{Kind, Tensor};
+use crate::weights::{WeightMap, WeightSource};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
 
-/// The router tensors of `map` as trainable leaves, put back into the map (a shared router once,
-/// given to every layer): `(name of its first appearance, leaf)` in state-dict order.
-pub fn router_leaves(map: &mut WeightMap, shared: bool) -> Vec<(String, Tensor)> {
-    let mut leaves: Vec<(String, Tensor)> = Vec::new();
-    let mut by_suffix: std::collections::HashMap<String, Tensor> = Default::default();
-    let names: Vec<String> = map.names().to_vec();
-    for name in names {
-        let Some((_, rest)) = name.split_once(".mlp.gate.") else { continue };
-        if shared {
-            if let Some(leaf) = by_suffix.get(rest) {
-                let leaf = leaf.shallow_clone();
-                map.insert(name, leaf);
-                continue;
-            }
-        }
-        let leaf = map.get(&name).expect("a listed name").detach().copy().set_requires_grad(true);
-        if shared {
-            by_suffix.insert(rest.to_string(), leaf.shallow_clone());
-        }
-        map.insert(name.clone(), leaf.shallow_clone());
-        leaves.push((name, leaf));
-    }
-    leaves
+/// What a checkpoint holds besides the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    run: String,
+    step: u64,
+    loaders: Loaders,
+    seed: u64,
+    adam_steps: u64,
+    losses: Vec<f64>,
 }
 
-/// Trains the routers of `map` (FusionBench's initial MoE model) and returns the trained model;
-/// `draws` is how many 32-bit draws of torch's default generator seeding with `seed` and the
-/// construction took.
+fn method_name(c: &WeMoeConfig) -> &'static str {
+    if c.sparse {
+        "sparse weight-ensembling MoE"
+    } else {
+        "weight-ensembling MoE"
+    }
+}
+
+fn options(c: &WeMoeConfig) -> LoadOptions {
+    LoadOptions { routing: if c.batch_reduce { Routing::Batch } else { Routing::PerSample } }
+}
+
+/// Cluster options with frames large enough for a gradient or the routers (`floats` of them).
+fn cluster_options(
+    mut o: fusion_cluster::runtime::ClusterOptions,
+    floats: usize,
+) -> fusion_cluster::runtime::ClusterOptions {
+    let need = floats * 4 + (1 << 20);
+    o.transport.max_frame_len = o.transport.max_frame_len.max(need);
+    o
+}
+
+fn tasks(c: &WeMoeConfig, ctx: &RunContext<'_>) -> Result<TaskSet> {
+    let models = ctx.pool.task_models()?;
+    let names: Vec<&str> = models.iter().map(|m| m.name()).collect();
+    crate::methods::adamerging::tta::test_time_tasks(ctx, &names, method_name(c))
+}
+
+fn run_key(c: &WeMoeConfig, set: &TaskSet, ctx: &RunContext<'_>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(format!(
+        "wemoe|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{:?}|{}",
+        c.sparse,
+        c.router_hidden_layers,
+        c.init_lambda,
+        c.batch_reduce,
+        c.lr,
+        c.batch_size,
+        c.tv_prune_ratio,
+        c.shared_gate,
+        c.position_encoding,
+        c.position_encoding_dim,
+        ctx.program.seed,
+        crate::version::NUMERICS_VERSION
+    ));
+    for (name, m) in &ctx.program.modelpool.models {
+        h.update(format!("{name}={}|", m.path));
+    }
+    for t in &set.tasks {
+        h.update(format!("{}|{}|{:x}", t.name, t.data.len(), t.data.fingerprint()));
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn save_state(path: &Path, meta: &Meta, params: &[Tensor], adams: &[Adam]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut map = WeightMap::new();
+    for (i, (p, a)) in params.iter().zip(adams).enumerate() {
+        let s = a.state();
+        let shape = p.size();
+        map.insert(format!("router.{i}"), p.shallow_clone());
+        map.insert(format!("exp_avg.{i}"), Tensor::from_slice(&s.exp_avg).view(shape.as_slice()));
+        map.insert(
+            format!("exp_avg_sq.{i}"),
+            Tensor::from_slice(&s.exp_avg_sq).view(shape.as_slice()),
+        );
+    }
+    let meta = HashMap::from([("state".to_string(), serde_json::to_string(meta)?)]);
+    crate::weights::save_safetensors(&map, path, Some(meta))
+        .with_context(|| format!("checkpointing the router training to {}", path.display()))
+}
+
+/// A checkpoint's state: what it says, the routers, their Adam states.
+type Resumed = (Meta, Vec<Tensor>, Vec<Adam>);
+
+/// The checkpoint in `file`, if any: `None` when there is none, or when it is a longer-lived
+/// state than this run's `max_steps` allows (then the run starts afresh, with a warning). One of
+/// another configuration, or unreadable, is an error naming the file.
+fn resume(file: &Path, key: &str, c: &WeMoeConfig, like: &[Tensor]) -> Result<Option<Resumed>> {
+    if !file.exists() {
+        return Ok(None);
+    }
+    let shown = file.display();
+    let f = crate::weights::SafetensorsFile::open(file)
+        .with_context(|| format!("reading the checkpoint {shown}"))?;
+    let meta: Meta = f
+        .user_metadata()
+        .and_then(|m| m.get("state"))
+        .map(|s| serde_json::from_str(s))
+        .transpose()
+        .with_context(|| format!("{shown}: its state"))?
+        .with_context(|| format!("{shown}: not a router-training checkpoint (no state)"))?;
+    if meta.run != key {
+        bail!("{shown}: a checkpoint of another configuration (remove it to start afresh)");
+    }
+    if meta.step > c.max_steps {
+        tracing::warn!(file = %shown, step = meta.step, max_steps = c.max_steps, "the checkpoint is past this run's max_steps: starting afresh");
+        return Ok(None);
+    }
+    let cfg = AdamConfig::with_lr(c.lr);
+    let mut params = Vec::new();
+    let mut adams = Vec::new();
+    for (i, l) in like.iter().enumerate() {
+        let get = |name: String| -> Result<Tensor> {
+            let t = f.tensor(&name).with_context(|| format!("{shown}: `{name}`"))?;
+            if t.size() != l.size() {
+                bail!(
+                    "{shown}: `{name}` has shape {:?}, the routers need {:?}",
+                    t.size(),
+                    l.size()
+                );
+            }
+            Ok(t.contiguous())
+        };
+        let p = get(format!("router.{i}"))?;
+        let v = |t: Tensor| Vec::<f32>::try_from(t.flatten(0, -1)).unwrap_or_default();
+        let state = AdamState {
+            step: meta.adam_steps,
+            exp_avg: v(get(format!("exp_avg.{i}"))?),
+            exp_avg_sq: v(get(format!("exp_avg_sq.{i}"))?),
+        };
+        adams.push(
+            Adam::restore(cfg, &l.size(), &state)
+                .with_context(|| format!("{shown}: Adam state #{i}"))?,
+        );
+        params.push(p);
+    }
+    if f.tensor(&format!("router.{}", like.len())).is_ok() {
+        bail!("{shown}: more router tensors than this model has");
+    }
+    Ok(Some((meta, params, adams)))
+}
+
+/// Trains the routers of `map` (FusionBench's initial MoE model) on the cluster (this process
+/// computing too) and returns the trained model; `draws` is how many 32-bit draws of torch's
+/// default generator seeding with `seed` and the construction took.
 pub fn adapt(
     c: &WeMoeConfig,
     ctx: &RunContext<'_>,
@@ -61,78 +188,188 @@ pub fn adapt(
     seed: u64,
     draws: u64,
 ) -> Result<WeightMap> {
-    let models = ctx.pool.task_models()?;
-    let names: Vec<&str> = models.iter().map(|m| m.name()).collect();
-    let method = if c.sparse { "sparse weight-ensembling MoE" } else { "weight-ensembling MoE" };
-    let set = crate::methods::adamerging::tta::test_time_tasks(ctx, &names, method)?;
+    let set = tasks(c, ctx)?;
+    let names = set.names();
+    let key = run_key(c, &set, ctx);
     // The zero-shot heads' CLIPModel is the last model FusionBench loads before its loaders.
     let skip = draws + normal_draws(layout.hidden as u64)?;
     let lens: Vec<usize> = set.tasks.iter().map(|t| t.data.len()).collect();
-    let mut loaders = Loaders::new(seed, skip, &lens, c.batch_size);
-    let mut map = map;
-    let mut leaves = router_leaves(&mut map, c.shared_gate);
-    let routing = if c.batch_reduce { Routing::Batch } else { Routing::PerSample };
-    let vision = ClipVision::load_with(
-        &Scope::new(&map, set.device, Kind::Float).pp("vision_model"),
+    let local = RouterExecutor::new(
+        set,
+        map.shallow_clone(),
+        c.shared_gate,
+        options(c),
         ctx.pool.config(),
-        &LoadOptions { routing },
-    )
-    .context("the WE-MoE model")?;
-    let mut adams: Vec<Adam> =
-        leaves.iter().map(|(_, t)| Adam::new(AdamConfig::with_lr(c.lr), &t.size())).collect();
-    let inputs: Vec<Tensor> = leaves.iter().map(|(_, t)| t.shallow_clone()).collect();
-    let bar = crate::progress::bar(method, c.max_steps as usize, "steps");
-    let started = std::time::Instant::now();
-    tracing::info!(tasks = ?names, steps = c.max_steps, batch_size = c.batch_size, seed, routers = leaves.len(), "test-time adaptation");
-    // A small model adapts on one intra-op thread (as AdaMerging's steps: libtorch's per-op
-    // threading costs more than it saves there).
-    let small = map.numel() < crate::methods::adamerging::step::SMALL_MODEL
-        && set.device == tch::Device::Cpu;
-    let mut train = || -> Result<()> {
-        for step in 0..c.max_steps {
-            let mut total: Option<Vec<Tensor>> = None;
-            let mut loss_sum = 0f64;
-            for (t, task) in set.tasks.iter().enumerate() {
-                let batch = loaders.next_batch(t);
-                let x = set.pixels(t, &batch.indices)?;
-                let feats = set.base.image_features(&vision, &x);
-                let logits = zeroshot::logits(&feats, &task.head, &set.base.logit_scale);
-                let loss = entropy_loss(&logits);
-                let grads = Tensor::f_run_backward(&[&loss], &inputs, false, false)
-                    .with_context(|| format!("step {step}, task `{}`: backward", task.name))?;
-                loss_sum += loss.double_value(&[]);
-                total = Some(match total {
-                    None => grads,
-                    Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect(),
-                });
-            }
-            let total = total.context("no task to adapt on")?;
-            for (((_, leaf), adam), g) in leaves.iter_mut().zip(&mut adams).zip(&total) {
-                adam.step(leaf, g);
-            }
-            bar.set_message(format!("loss {loss_sum:.4}"));
-            bar.inc(1);
-            tracing::debug!(step, loss = loss_sum, "step");
-        }
-        Ok(())
+    )?;
+    let initial: Vec<Tensor> = local.leaves().iter().map(|t| t.detach().copy()).collect();
+    let floats: usize = initial.iter().map(|t| t.numel()).sum();
+    let state_file =
+        ctx.program.path.cache_dir.as_ref().map(|d| {
+            PathBuf::from(d).join("tta").join(format!("wemoe-{}.safetensors", &key[..32]))
+        });
+    let cfg = AdamConfig::with_lr(c.lr);
+    let resumed = match &state_file {
+        Some(f) => resume(f, &key, c, &initial)?,
+        None => None,
     };
-    if small {
-        crate::device::single_threaded(train)?;
-    } else {
-        train()?;
-    }
+    let (mut step, mut loaders, mut params, mut adams, mut losses) = match resumed {
+        Some((meta, params, adams)) => {
+            tracing::info!(
+                step = meta.step,
+                of = c.max_steps,
+                "resuming the router training from its checkpoint"
+            );
+            (meta.step, meta.loaders, params, adams, meta.losses)
+        }
+        None => {
+            let adams = initial.iter().map(|t| Adam::new(cfg, &t.size())).collect();
+            (0, Loaders::new(seed, skip, &lens, c.batch_size), initial, adams, Vec::new())
+        }
+    };
+    let (listen, opts) = match ctx.launch.serve_addr() {
+        Some(addr) => (Some(addr), ctx.launch.options_for(ctx.program)),
+        None => (None, fusion_cluster::runtime::ClusterOptions::new("local", std::env::temp_dir())),
+    };
+    let opts = cluster_options(opts, floats);
+    let method = method_name(c);
+    let bar = crate::progress::bar(method, c.max_steps as usize, "steps");
+    bar.inc(step);
+    let signals = crate::signals::StopSignals::install()?;
+    let every = std::time::Duration::from_secs_f64(c.checkpoint_every_seconds);
+    let job_name = opts.job_id.clone();
+    tracing::info!(tasks = ?names, steps = c.max_steps, batch_size = c.batch_size, seed, router_floats = floats, "test-time adaptation");
+    let started = std::time::Instant::now();
+    let first = step;
+    let (outcome, summary) = fusion_cluster::runtime::run_job(
+        vec![Box::new(local)],
+        listen,
+        &opts,
+        |addr| {
+            crate::launch::Launch::remember_bound(addr);
+            tracing::info!(%addr, job = %job_name, "coordinator listening: workers join with --join")
+        },
+        |job| -> Result<Vec<Tensor>> {
+            let broadcast = |job: &mut fusion_cluster::runtime::Job, step: u64, params: &[Tensor]| -> Result<()> {
+                let state = RouterState { step, values: super::step::flatten(params) };
+                job.broadcast(fusion_cluster::codec::encode(&state)?).context("sending the routers to the workers")
+            };
+            broadcast(job, step, &params)?;
+            let mut last_save = std::time::Instant::now();
+            let (mut round_seconds, mut compute_seconds) = (0f64, 0f64);
+            while step < c.max_steps {
+                let items: Vec<Vec<u8>> = (0..names.len())
+                    .map(|t| {
+                        let indices = loaders.next_batch(t).indices.iter().map(|&i| i as u32).collect();
+                        fusion_cluster::codec::encode(&StepItem { step, task: t as u32, indices })
+                    })
+                    .collect::<std::result::Result<_, _>>()?;
+                let round = job.round(items).with_context(|| format!("step {step}"))?;
+                round_seconds += round.summary.elapsed.as_secs_f64();
+                let results: Vec<StepResult> = round
+                    .results
+                    .iter()
+                    .map(|r| fusion_cluster::codec::decode(r))
+                    .collect::<std::result::Result<_, _>>()?;
+                let busy = round.summary.per_worker.iter().filter(|(_, n)| *n > 0).count().max(1);
+                compute_seconds += results.iter().map(|r| r.seconds).sum::<f64>() / busy as f64;
+                let grads = unflatten(&fold(&results), &params)?;
+                for ((p, a), g) in params.iter_mut().zip(&mut adams).zip(&grads) {
+                    a.step(p, g);
+                }
+                step += 1;
+                let loss: f64 = results.iter().map(|r| r.loss as f64).sum();
+                losses.push(loss);
+                bar.set_message(format!("loss {loss:.4}"));
+                bar.inc(1);
+                tracing::debug!(step, loss, "step");
+                let stop = signals.raised();
+                let due = step % c.checkpoint_every_steps == 0 || last_save.elapsed() >= every || step == c.max_steps || stop;
+                if let (Some(file), true) = (&state_file, due) {
+                    let meta = Meta {
+                        run: key.clone(),
+                        step,
+                        loaders: loaders.clone(),
+                        seed,
+                        adam_steps: adams.first().map_or(0, Adam::steps),
+                        losses: losses.clone(),
+                    };
+                    save_state(file, &meta, &params, &adams)?;
+                    last_save = std::time::Instant::now();
+                }
+                if stop {
+                    match &state_file {
+                        Some(f) => tracing::warn!(step, of = c.max_steps, checkpoint = %f.display(), "signal received: checkpointed; the same command resumes from here"),
+                        None => tracing::warn!(step, "signal received: stopping (no path.cache_dir, so no checkpoint: a rerun starts afresh)"),
+                    }
+                    std::process::exit(143);
+                }
+                if step < c.max_steps {
+                    broadcast(job, step, &params)?;
+                }
+            }
+            let done = (step - first).max(1) as f64;
+            tracing::info!(
+                steps = step - first,
+                seconds = started.elapsed().as_secs_f64(),
+                seconds_per_step = started.elapsed().as_secs_f64() / done,
+                round_seconds,
+                compute_seconds,
+                exchange_share = if round_seconds > 0.0 { (1.0 - compute_seconds / round_seconds).max(0.0) } else { 0.0 },
+                "test-time adaptation loop"
+            );
+            Ok(params)
+        },
+    )
+    .context("test-time adaptation")?;
+    let params = outcome?;
+    drop(signals);
     bar.finish_and_clear();
-    tracing::info!(
-        steps = c.max_steps,
-        seconds = started.elapsed().as_secs_f64(),
-        seconds_per_step = started.elapsed().as_secs_f64() / c.max_steps.max(1) as f64,
-        "test-time adaptation done"
-    );
-    drop(vision);
-    // The trained model, its routers plain tensors again.
+    tracing::info!(rounds = summary.rounds.len(), workers = ?summary.per_worker, lost = summary.lost.len(), "test-time adaptation done");
+    Ok(with_routers(map, &params, c.shared_gate))
+}
+
+/// `map` with its router tensors replaced by `params` (state-dict order; a shared router once).
+fn with_routers(map: WeightMap, params: &[Tensor], shared: bool) -> WeightMap {
     let mut out = WeightMap::new();
+    let mut next = params.iter();
+    let mut by_suffix: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in map.iter() {
-        out.insert(name, t.detach());
+        match name.split_once(".mlp.gate.") {
+            Some((_, rest)) => {
+                let p = match by_suffix.get(rest).filter(|_| shared) {
+                    Some(p) => p.shallow_clone(),
+                    None => {
+                        let p = next.next().expect("one parameter per router tensor").detach();
+                        by_suffix.insert(rest.to_string(), p.shallow_clone());
+                        p
+                    }
+                };
+                out.insert(name, p);
+            }
+            None => out.insert(name, t.shallow_clone()),
+        }
     }
-    Ok(out)
+    out
+}
+
+/// A worker's side of the router training (`--join`): computes the items the coordinator hands
+/// out, with the routers it broadcasts, until it releases this worker.
+pub fn work(
+    c: &WeMoeConfig,
+    ctx: &RunContext<'_>,
+    map: WeightMap,
+    coordinator: std::net::SocketAddr,
+) -> Result<()> {
+    let set = tasks(c, ctx)?;
+    let executor = RouterExecutor::new(set, map, c.shared_gate, options(c), ctx.pool.config())?;
+    let floats: usize = executor.leaves().iter().map(|t| t.numel()).sum();
+    let name = ctx.launch.worker_name();
+    let opts = cluster_options(ctx.launch.options_for(ctx.program), floats);
+    let summary =
+        fusion_cluster::runtime::run_worker(coordinator, &name, Box::new(executor), &opts)
+            .with_context(|| {
+                format!("test-time adaptation: worker `{name}` of the coordinator at {coordinator}")
+            })?;
+    tracing::info!(items = summary.executed, "test-time adaptation: worker done");
+    Ok(())
 }

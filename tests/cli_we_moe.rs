@@ -1,0 +1,263 @@
+//! End to end: WE-MoE's router training on the cluster runtime. A coordinator and two workers
+//! (also with one worker killed mid-run) train the routers to the single process's bits and
+//! give its report; a run stopped by SIGTERM or killed with SIGKILL, restarted, ends with the
+//! uninterrupted run's routers bit for bit.
+
+use fusion_bench::weights::torch_file::{self, TorchValue};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn command(cwd: &Path, args: &[String]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fusion_bench"));
+    c.args(args)
+        .env("HF_HOME", root().join("tests/fixtures/hf_home"))
+        .env_remove("HF_HUB_CACHE")
+        .env("RUST_LOG", "warn")
+        .env("OMP_NUM_THREADS", "1")
+        .env("FUSION_BENCH_FAST_TIMEOUTS", "1")
+        .env("RUST_BACKTRACE", "0")
+        .current_dir(cwd);
+    c
+}
+
+/// The seed's B/32 WE-MoE line, `steps` steps, checkpointing every step, saving the trained
+/// model to `<tag>.ckpt` and the report to `<tag>.json` in `dir`.
+fn args(dir: &Path, steps: u64, tag: &str) -> Vec<String> {
+    [
+        "method=wemoe/weight_ensembling_moe",
+        "method.name=clip_weight_ensembling_moe",
+        "method.use_grad_accumulate=false",
+        "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8",
+        "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
+        "fabric.accelerator=cpu",
+        "print_config=false",
+        "seed=42",
+        "+method.checkpoint_every_steps=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        format!("method.max_steps={steps}"),
+        format!("method.save_checkpoint={}", dir.join(format!("{tag}.ckpt")).display()),
+        format!("report_save_path={}", dir.join(format!("{tag}.json")).display()),
+        format!("path.cache_dir={}", dir.join("cache").display()),
+        format!("path.log_dir={}", dir.join("logs").display()),
+    ])
+    .collect()
+}
+
+/// The trained state dict: names and float32 bit patterns, in file order.
+fn routers_and_all(path: &Path) -> Vec<(String, Vec<u32>)> {
+    let v = torch_file::load(path).unwrap();
+    let Some(TorchValue::Dict(items)) = v.get("model") else { panic!("{}", path.display()) };
+    items
+        .iter()
+        .map(|(k, v)| {
+            let t = v.as_tensor().unwrap();
+            (k.clone(), t.to_f32().unwrap().iter().map(|x| x.to_bits()).collect())
+        })
+        .collect()
+}
+
+/// The step of the router-training checkpoint under `dir/cache/tta`, if one is there.
+fn checkpointed_step(dir: &Path) -> Option<u64> {
+    let entry = std::fs::read_dir(dir.join("cache/tta")).ok()?.find_map(|e| {
+        let p = e.ok()?.path();
+        (p.extension()? == "safetensors").then_some(p)
+    })?;
+    let bytes = std::fs::read(entry).ok()?;
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
+    let state: serde_json::Value =
+        serde_json::from_str(header["__metadata__"]["state"].as_str()?).ok()?;
+    state["step"].as_u64()
+}
+
+fn wait_for_step(dir: &Path, at_least: u64, child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while checkpointed_step(dir).is_none_or(|s| s < at_least) {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before step {at_least}");
+        assert!(std::time::Instant::now() < deadline, "no checkpoint of step {at_least}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+fn single(dir: &Path, steps: u64) -> (Vec<(String, Vec<u32>)>, Vec<u8>) {
+    let out = command(dir, &args(dir, steps, "run")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (routers_and_all(&dir.join("run.ckpt")), std::fs::read(dir.join("run.json")).unwrap())
+}
+
+/// A coordinator (`--serve`, also computing) and two workers (`--join`), optionally killing one
+/// worker once step 3 is checkpointed.
+fn three_processes(dir: &Path, steps: u64, kill_one: bool) -> (Vec<(String, Vec<u32>)>, Vec<u8>) {
+    let job = dir.join("job");
+    let mut a = args(dir, steps, "run");
+    a.extend(["--serve", "127.0.0.1:0", "--min-workers", "2", "--wait", "60"].map(String::from));
+    a.extend(["--job-dir".to_string(), job.display().to_string()]);
+    let mut coord = command(dir, &a)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = coord.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the coordinator's address");
+        if line.contains("coordinator listening") {
+            if let Some(a) = line.split_whitespace().find_map(|w| w.strip_prefix("addr=")) {
+                break a.to_string();
+            }
+        }
+    };
+    let mut workers: Vec<_> = (0..2)
+        .map(|i| {
+            let wdir = dir.join(format!("w{i}"));
+            std::fs::create_dir_all(&wdir).unwrap();
+            let mut a = args(dir, steps, "run");
+            a.extend(["--join".to_string(), addr.clone(), "--node-name".into(), format!("w{i}")]);
+            a.extend(["--job-dir".to_string(), job.display().to_string()]);
+            let log = std::fs::File::create(wdir.join("stderr.log")).unwrap();
+            command(&wdir, &a)
+                .env("RUST_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    if kill_one {
+        wait_for_step(dir, 3, &mut coord);
+        workers[0].kill().unwrap();
+    }
+    let status = coord.wait().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(status.success(), "coordinator: {status}\n{}", rest.join("\n"));
+    for (i, w) in workers.iter_mut().enumerate() {
+        let s = w.wait().unwrap();
+        if !(kill_one && i == 0) {
+            let log =
+                std::fs::read_to_string(dir.join(format!("w{i}/stderr.log"))).unwrap_or_default();
+            assert!(s.success(), "worker {i}: {s}\n{log}");
+        }
+    }
+    if !kill_one {
+        let log = std::fs::read_to_string(dir.join("w1/stderr.log")).unwrap_or_default();
+        let items = log
+            .lines()
+            .filter(|l| l.contains("worker done"))
+            .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("items=")))
+            .and_then(|n| n.parse::<u64>().ok());
+        assert!(items.is_some_and(|n| n > 0), "worker 1 computed items ({items:?}):\n{log}");
+    }
+    (routers_and_all(&dir.join("run.ckpt")), std::fs::read(dir.join("run.json")).unwrap())
+}
+
+#[test]
+fn three_processes_train_the_single_process_routers_also_with_a_worker_killed() {
+    let steps = 30;
+    let one = tempfile::tempdir().unwrap();
+    let (want, report) = single(one.path(), steps);
+    for kill in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (got, bytes) = three_processes(dir.path(), steps, kill);
+        assert_eq!(got.len(), want.len());
+        for ((name, a), (_, b)) in got.iter().zip(&want) {
+            assert!(a == b, "kill={kill}: `{name}` differs from the single process's bits");
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            String::from_utf8_lossy(&report),
+            "kill={kill}: the report"
+        );
+    }
+}
+
+#[test]
+fn a_stopped_or_killed_router_training_resumes_to_the_same_routers() {
+    let steps = 60;
+    let reference = tempfile::tempdir().unwrap();
+    let (want, report) = single(reference.path(), steps);
+    for signal in ["TERM", "KILL"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = command(dir.path(), &args(dir.path(), steps, "run")).spawn().unwrap();
+        wait_for_step(dir.path(), 2, &mut child);
+        Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = child.wait().unwrap();
+        if signal == "TERM" {
+            assert_eq!(status.code(), Some(143), "SIGTERM: checkpoint, then exit 143");
+        }
+        assert!(!dir.path().join("run.ckpt").exists(), "SIG{signal}: stopped before the end");
+        let stopped_at = checkpointed_step(dir.path()).unwrap();
+        assert!(stopped_at < steps, "SIG{signal}: stopped at step {stopped_at}");
+        let out = command(dir.path(), &args(dir.path(), steps, "run")).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let got = routers_and_all(&dir.path().join("run.ckpt"));
+        for ((name, a), (_, b)) in got.iter().zip(&want) {
+            assert!(
+                a == b,
+                "SIG{signal}, restarted: `{name}` differs from the uninterrupted run's bits"
+            );
+        }
+        let bytes = std::fs::read(dir.path().join("run.json")).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            String::from_utf8_lossy(&report),
+            "SIG{signal}: the report"
+        );
+    }
+}
+
+/// Bad settings and files are refused before any work, naming the key or the file.
+#[test]
+fn bad_input_is_refused_with_the_key_or_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let sparse = [
+        "method=wemoe/sparse_weight_ensembling_moe".to_string(),
+        "method.name=sparse_clip_weight_ensembling_moe".into(),
+    ];
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![sparse[0].clone(), sparse[1].clone(), "method.tv_prune_ratio=1.0".into()],
+            "method.tv_prune_ratio",
+        ),
+        (
+            vec![sparse[0].clone(), sparse[1].clone(), "method.gate_prune_ratio=-0.1".into()],
+            "method.gate_prune_ratio",
+        ),
+        (vec!["method.router_hidden_layers=3".into()], "method.router_hidden_layers"),
+        (vec!["method.lr=0".into()], "method.lr"),
+        (vec!["method.max_steps=0".into()], "method.max_steps"),
+        (vec!["method.batch_size=0".into()], "method.batch_size"),
+        (vec!["method.name=clip_task_wise_adamerging".into()], "method.name"),
+        (
+            vec![format!("method.checkpoint={}", dir.path().join("nope.ckpt").display())],
+            "nope.ckpt",
+        ),
+    ];
+    for (extra, named) in cases {
+        let mut a = args(dir.path(), 2, "bad");
+        a.extend(extra.iter().cloned());
+        let out = command(dir.path(), &a).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(err.contains(named), "{extra:?}: the error names `{named}`:\n{err}");
+        assert!(!err.contains("panicked"), "{extra:?}: a panic:\n{err}");
+        assert!(!dir.path().join("bad.ckpt").exists() && !dir.path().join("bad.json").exists());
+    }
+}
