@@ -21,14 +21,26 @@ fn installed(dir: &Path) -> PathBuf {
     bin
 }
 
+/// Runs the copied binary. Exec can fail with ETXTBSY right after the copy: another test thread
+/// that forks a child at that moment holds the copy's write descriptor until the child execs
+/// (rust-lang/rust#114554), so that error is retried briefly.
 fn run(bin: &Path, cwd: &Path, args: &[&str]) -> Output {
-    Command::new(bin)
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_LOG", "info")
-        .env_remove("HF_HOME")
-        .output()
-        .unwrap()
+    let mut tries = 0;
+    loop {
+        let out = Command::new(bin)
+            .args(args)
+            .current_dir(cwd)
+            .env("RUST_LOG", "info")
+            .env_remove("HF_HOME")
+            .output();
+        match out {
+            Err(e) if e.raw_os_error() == Some(26) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.unwrap(),
+        }
+    }
 }
 
 fn words(line: &str) -> Vec<&str> {
