@@ -275,7 +275,7 @@ fn three_processes(dir: &Path, steps: u64, kill_one: bool) -> (serde_json::Value
         "--min-workers".into(),
         "2".into(),
         // How long the job waits for both workers before starting (it starts as soon as they
-        // joined; the evaluation after the adaptation runs on the coordinator alone).
+        // joined; they come back for the evaluation after the adaptation).
         "--wait".into(),
         "60".into(),
         "--job-dir".into(),
@@ -358,6 +358,31 @@ fn three_processes(dir: &Path, steps: u64, kill_one: bool) -> (serde_json::Value
                     .unwrap_or_default();
             assert!(s.success(), "worker {i}: {s}\n{log}");
         }
+    }
+    // Every surviving worker adapted and then evaluated the merged model (it got the final λ
+    // as the adaptation's last broadcast): items of both phases.
+    for i in (kill_one as usize)..2 {
+        let log = std::fs::read_to_string(dir.join(format!("w{i}/stderr.log"))).unwrap_or_default();
+        let items = |adapting: bool| {
+            log.lines()
+                .filter(|l| {
+                    l.contains("worker done") && l.contains("test-time adaptation") == adapting
+                })
+                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("items=")))
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        if !kill_one {
+            assert!(
+                items(true).is_some_and(|n| n > 0),
+                "worker {i} adapted ({:?}):\n{log}",
+                items(true)
+            );
+        }
+        assert!(
+            items(false).is_some_and(|n| n > 0),
+            "worker {i} evaluated ({:?}):\n{log}",
+            items(false)
+        );
     }
     let trace: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("coord.trace.json")).unwrap())

@@ -1,6 +1,6 @@
 //! End to end: WE-MoE's router training on the cluster runtime. A coordinator and two workers
-//! (also with one worker killed mid-run) train the routers to the single process's bits and
-//! give its report; a run stopped by SIGTERM or killed with SIGKILL, restarted, ends with the
+//! (also with one worker killed mid-run) train the routers to the single process's bits, then
+//! evaluate the trained model together and give the single process's report; a run stopped by SIGTERM or killed with SIGKILL, restarted, ends with the
 //! uninterrupted run's routers bit for bit.
 
 use fusion_bench::weights::torch_file::{self, TorchValue};
@@ -153,14 +153,30 @@ fn three_processes(dir: &Path, steps: u64, kill_one: bool) -> (Vec<(String, Vec<
             assert!(s.success(), "worker {i}: {s}\n{log}");
         }
     }
-    if !kill_one {
-        let log = std::fs::read_to_string(dir.join("w1/stderr.log")).unwrap_or_default();
-        let items = log
-            .lines()
-            .filter(|l| l.contains("worker done"))
-            .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("items=")))
-            .and_then(|n| n.parse::<u64>().ok());
-        assert!(items.is_some_and(|n| n > 0), "worker 1 computed items ({items:?}):\n{log}");
+    // Every surviving worker trained and then evaluated the trained model (it got the trained
+    // routers as the training's last broadcast): items of both phases.
+    for i in (kill_one as usize)..2 {
+        let log = std::fs::read_to_string(dir.join(format!("w{i}/stderr.log"))).unwrap_or_default();
+        let items = |training: bool| {
+            log.lines()
+                .filter(|l| {
+                    l.contains("worker done") && l.contains("test-time adaptation") == training
+                })
+                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("items=")))
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        if !kill_one {
+            assert!(
+                items(true).is_some_and(|n| n > 0),
+                "worker {i} trained ({:?}):\n{log}",
+                items(true)
+            );
+        }
+        assert!(
+            items(false).is_some_and(|n| n > 0),
+            "worker {i} evaluated ({:?}):\n{log}",
+            items(false)
+        );
     }
     (routers_and_all(&dir.join("run.ckpt")), std::fs::read(dir.join("run.json")).unwrap())
 }

@@ -600,3 +600,120 @@ fn batching_executors_get_their_queued_items_together_and_change_no_result() {
     let ran: usize = all.iter().map(|b| b.len()).sum();
     assert_eq!(ran, (rounds * n) as usize);
 }
+
+/// Records every state it applies, slowly (so the job's `Done` arrives while it applies one).
+struct Recording(Arc<Mutex<Vec<u64>>>);
+
+impl Executor for Recording {
+    fn execute(&mut self, item: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(item.to_vec())
+    }
+
+    fn on_broadcast(&mut self, state: &[u8]) -> Result<(), String> {
+        thread::sleep(Duration::from_millis(300));
+        let bytes = state.try_into().map_err(|_| "bad state")?;
+        self.0.lock().unwrap().push(u64::from_le_bytes(bytes));
+        Ok(())
+    }
+}
+
+/// The driver's last broadcast, sent just before the job ends (trained weights a worker goes on
+/// to evaluate with), is applied by every remote worker before its `run_worker` returns, even
+/// when `Done` arrives while the states before it are still being applied.
+#[test]
+fn a_workers_last_broadcast_is_applied_before_done_releases_it() {
+    let _watchdog = watchdog("last_broadcast_before_done", Duration::from_secs(30));
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path());
+    let addr = Cell::new(None);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let local: Vec<Box<dyn Executor>> = vec![Box::new(Broadcasted::default())];
+    let (worker, _job) = run_job(
+        local,
+        loopback(),
+        &o,
+        |a| addr.set(Some(a)),
+        |job| {
+            let (a, o, s): (SocketAddr, _, _) = (addr.get().unwrap(), o.clone(), seen.clone());
+            let worker = thread::spawn(move || run_worker(a, "w", Box::new(Recording(s)), &o));
+            let waited = Instant::now();
+            while job.workers().len() < 2 {
+                assert!(waited.elapsed() < Duration::from_secs(10), "the worker never joined");
+                thread::sleep(Duration::from_millis(5));
+            }
+            for state in [1u64, 2, 3] {
+                job.broadcast(state.to_le_bytes().to_vec()).unwrap();
+            }
+            worker
+        },
+    )
+    .unwrap();
+    assert!(worker.join().unwrap().is_ok(), "the worker was not released with Done");
+    assert_eq!(*seen.lock().unwrap(), vec![1, 2, 3], "states applied before the worker stopped");
+}
+
+/// A coordinator's endpoint that is closing refuses new connections (QUIC's
+/// `CONNECTION_REFUSED`): a worker waits that out as it waits for a coordinator not yet
+/// listening, and joins the job that listens on the address next (a training's workers
+/// rejoining for its evaluation).
+#[test]
+fn a_worker_waits_out_a_closing_endpoint_and_joins_the_next_job_on_its_address() {
+    use fusion_cluster::transport::{Endpoint, JobCredentials};
+    let _watchdog = watchdog("closing_endpoint", Duration::from_secs(30));
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path());
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let node = JobCredentials::create_or_load(&o.job_dir).unwrap().issue_node("old", &[]).unwrap();
+    let closing = rt
+        .block_on(async {
+            Endpoint::bind("127.0.0.1:0".parse().unwrap(), &node, &o.job_id, o.transport.clone())
+        })
+        .unwrap();
+    let addr = closing.local_addr().unwrap();
+    closing.close("job finished");
+    let refused = Arc::new(Mutex::new(None));
+    let worker = {
+        let (o, refused) = (o.clone(), refused.clone());
+        thread::spawn(move || {
+            // What a worker without the retry would get: the refusal, at once.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let probe = rt.block_on(async {
+                let ep = Endpoint::bind(
+                    "127.0.0.1:0".parse().unwrap(),
+                    &node,
+                    &o.job_id,
+                    o.transport.clone(),
+                )?;
+                ep.connect(addr, fusion_cluster::transport::MEMBER_SERVER_NAME).await.map(|_| ())
+            });
+            *refused.lock().unwrap() = Some(probe.map_err(|e| e.to_string()));
+            run_worker(addr, "w", Box::new(Broadcasted::default()), &o)
+        })
+    };
+    // The worker is refused while the closed endpoint lives, then it is gone.
+    thread::sleep(Duration::from_millis(1000));
+    drop(closing);
+    rt.shutdown_timeout(Duration::from_secs(2));
+    let probe = refused.lock().unwrap().clone();
+    assert!(
+        probe.as_ref().is_some_and(|p| p.as_ref().is_err_and(|e| e.contains("refused"))),
+        "a closing endpoint refuses a connection: {probe:?}"
+    );
+    let mut o = o;
+    o.min_workers = 1;
+    let (results, _) = run_job(
+        Vec::new(),
+        Some(addr),
+        &o,
+        |_| {},
+        |job| {
+            job.broadcast(5u64.to_le_bytes().to_vec()).unwrap();
+            job.round(indices(8)).unwrap().results
+        },
+    )
+    .unwrap();
+    assert_eq!(results, broadcast_results(5, 8));
+    let summary = worker.join().unwrap().expect("the worker joined the next job");
+    assert_eq!(summary.executed, 8, "the remote worker computed every item");
+}

@@ -16,6 +16,7 @@ impl Method for Dummy {
             workers_done: false,
             params: None,
             options: Default::default(),
+            rejoin: None,
         })
     }
 }

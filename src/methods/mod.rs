@@ -39,6 +39,11 @@ pub struct Merged {
     pub params: Option<(i64, i64)>,
     /// How the evaluated model is built from `weights` beyond what they say (WE-MoE routing).
     pub options: crate::models::clip::encoder::LoadOptions,
+    /// Set when the method trained on the cluster and its workers go on to evaluate the result
+    /// (they received it as the training job's last broadcast): on the coordinator, how many
+    /// workers were joined at the training's end (its evaluation waits for them); on a worker,
+    /// 0 (it joins the evaluation the coordinator starts once it has saved what it saves).
+    pub rejoin: Option<usize>,
 }
 
 /// A model-merging method.

@@ -29,6 +29,7 @@ impl Method for SimpleAverage {
             workers_done: false,
             params: None,
             options: Default::default(),
+            rejoin: None,
         })
     }
 }

@@ -76,6 +76,7 @@ impl Method for TaskArithmetic {
             workers_done: false,
             params: None,
             options: Default::default(),
+            rejoin: None,
         })
     }
 }

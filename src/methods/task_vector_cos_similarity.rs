@@ -147,6 +147,7 @@ impl Method for TaskVectorCosSimilarity {
             workers_done: false,
             params: None,
             options: Default::default(),
+            rejoin: None,
         })
     }
 }

@@ -272,6 +272,7 @@ impl Method for TiesMerging {
             workers_done: false,
             params: None,
             options: Default::default(),
+            rejoin: None,
         })
     }
 }

@@ -97,6 +97,13 @@ pub fn prefetch(_: &ProgramConfig) -> Result<()> {
     bail!("`--prefetch` needs network access, and this binary was built without the `download` feature (rebuild with default features)")
 }
 
+/// How long a worker waits after a training before it joins the evaluation: more than the
+/// training coordinator's endpoint lingers once it released its workers (0.5 s).
+const REJOIN_GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// How long a worker keeps trying to join the evaluation after a training, at least.
+const REJOIN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(900);
+
 /// Runs one composed configuration: the method, then the evaluation (here, or as a worker or
 /// coordinator of a cluster). Returns the report when this process wrote one.
 pub fn run_config(cfg: &ProgramConfig, launch: &Launch) -> Result<Option<serde_json::Value>> {
@@ -137,11 +144,28 @@ pub fn run_config(cfg: &ProgramConfig, launch: &Launch) -> Result<Option<serde_j
     tracing::info!(cache = %hub.cache().display(), model = %plan.model, base = %plan.base_model, "evaluating");
     if let Some(addr) = launch.join {
         let name = launch.worker_name();
-        super::run_worker(&plan, &hub, &pool, &merged, addr, &name, &launch.options_for(cfg))?;
+        let mut options = launch.options_for(cfg);
+        if merged.rejoin.is_some() {
+            // After a training the coordinator saves its results and builds its evaluation
+            // before it listens again (minutes for a large checkpoint); its training endpoint
+            // lingers a moment after releasing the workers: wait that out, then be patient.
+            std::thread::sleep(REJOIN_GRACE);
+            options.wait_for_workers = options.wait_for_workers.max(REJOIN_PATIENCE);
+            tracing::info!(coordinator = %addr, "joining the evaluation of the trained model");
+        }
+        super::run_worker(&plan, &hub, &pool, &merged, addr, &name, &options)?;
         return Ok(None);
     }
     let distribution = match launch.serve_addr().filter(|_| !merged.workers_done) {
-        Some(listen) => Distribution::Serve { listen, options: Box::new(launch.options_for(cfg)) },
+        Some(listen) => {
+            let mut options = launch.options_for(cfg);
+            if let Some(n) = merged.rejoin {
+                // The training's workers come back to evaluate: wait for them (not for the
+                // ones lost during the training).
+                options.min_workers = n;
+            }
+            Distribution::Serve { listen, options: Box::new(options) }
+        }
         None => Distribution::Local,
     };
     let report = super::run(&plan, &hub, &pool, &merged, distribution)?;

@@ -478,8 +478,11 @@ async fn work(
     outcome
 }
 
-/// Connects to the coordinator, retrying while it does not answer (not yet listening) for up to
-/// `patience`. A refusal or TLS failure is returned at once.
+/// Connects to the coordinator, retrying while it does not answer (not yet listening) or its
+/// endpoint refuses new connections at the QUIC level (`CONNECTION_REFUSED`: a coordinator's
+/// endpoint that is closing, such as a training job's before its evaluation listens on the same
+/// address) for up to `patience`. A refusal by TLS or by the handshake (another job) is returned
+/// at once.
 async fn connect(
     endpoint: &Endpoint,
     addr: SocketAddr,
@@ -496,6 +499,17 @@ async fn connect(
                     ..
                 }),
             ) if start.elapsed() < patience => {
+                warn!(coordinator = %addr, error = %e, "coordinator not answering; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(
+                ref e @ TransportError::ConnectionLost {
+                    source: quinn::ConnectionError::ConnectionClosed(ref close),
+                    ..
+                },
+            ) if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+                && start.elapsed() < patience =>
+            {
                 warn!(coordinator = %addr, error = %e, "coordinator not answering; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }

@@ -5,8 +5,9 @@
 //!   heartbeats towards the worker, and *fails* when the connection is lost, so its supervisor
 //!   (the coordinator) sees the loss as a supervision event.
 //! - [`Link`] runs in a worker's process: it owns the connection to the coordinator, supervises
-//!   the process's [`Worker`] actor, and ends the worker's run on `Done`, `Abort`, or the
-//!   coordinator's loss (connection closed, or silent past `lost_after`).
+//!   the process's [`Worker`] actor, and ends the worker's run on `Done` (once the worker has
+//!   applied the states broadcast before it), `Abort`, or the coordinator's loss (connection
+//!   closed, or silent past `lost_after`).
 //!
 //! Each owns the sending half of the control stream; a reader task owns the receiving half and
 //! forwards every frame to the actor's mailbox (or the loss, once).
@@ -279,6 +280,9 @@ pub(crate) struct LinkState {
     lost_after: Duration,
     last_heard: Instant,
     executed: usize,
+    /// The coordinator said `Done`: the worker applies the states broadcast before it, then
+    /// stops, and its stop ends the run normally (the coordinator's close meanwhile is expected).
+    done: bool,
     reply: Option<oneshot::Sender<Result<WorkerSummary, ClusterError>>>,
     reader: JoinHandle<()>,
     checks: JoinHandle<()>,
@@ -298,6 +302,11 @@ impl LinkState {
     }
 
     fn lost(&mut self, myself: &ActorRef<LinkMsg>, reason: String) {
+        if self.done {
+            // The job is over; the worker finishes what `Done` left it and then stops.
+            debug!(coordinator = %self.addr, %reason, "connection closed after Done");
+            return;
+        }
         let addr = self.addr;
         // A coordinator that aborted the run says so in its close frame.
         if let Some(at) = reason.find(ABORT_PREFIX) {
@@ -347,6 +356,7 @@ impl Actor for Link {
             lost_after: args.lost_after,
             last_heard: Instant::now(),
             executed: 0,
+            done: false,
             reply: Some(args.reply),
             reader,
             checks,
@@ -404,10 +414,18 @@ impl Actor for Link {
                         }
                     }
                     Wire::Heartbeat => {}
-                    Wire::Done => {
-                        let executed = state.executed;
-                        state.finish(&myself, Ok(WorkerSummary { executed }));
-                    }
+                    Wire::Done => match &state.worker {
+                        // The states broadcast before `Done` (a training's last: the trained
+                        // weights a worker goes on to evaluate with) are applied before the
+                        // worker stops, and with it the run.
+                        Some(worker) if worker.send_message(WorkerMsg::Done).is_ok() => {
+                            state.done = true;
+                        }
+                        _ => {
+                            let executed = state.executed;
+                            state.finish(&myself, Ok(WorkerSummary { executed }));
+                        }
+                    },
                     Wire::Abort { reason } => {
                         state.finish(&myself, Err(ClusterError::Aborted { reason }));
                     }
@@ -456,6 +474,10 @@ impl Actor for Link {
             SupervisionEvent::ActorFailed(_, err) => {
                 let e = ClusterError::Runtime(format!("the worker actor failed: {err}"));
                 state.finish(&myself, Err(e));
+            }
+            SupervisionEvent::ActorTerminated(..) if state.done => {
+                let executed = state.executed;
+                state.finish(&myself, Ok(WorkerSummary { executed }));
             }
             SupervisionEvent::ActorTerminated(_, _, reason) if state.reply.is_some() => {
                 let e = ClusterError::Runtime(format!("the worker actor stopped: {reason:?}"));

@@ -99,7 +99,8 @@ pub(crate) enum WorkerMsg {
     },
     /// Time to send a heartbeat.
     Beat,
-    /// The job is over: stop.
+    /// The job is over: apply the broadcast states queued before this (a driver's last state,
+    /// such as trained weights, reaches every worker), drop the queued items, stop.
     Done,
 }
 
@@ -126,6 +127,11 @@ pub(crate) struct WorkerState {
     refused_state: Option<String>,
     sink: Sink,
     beats: JoinHandle<()>,
+    /// `Done` arrived while broadcast states were still queued or being applied: stop once
+    /// they are.
+    done: bool,
+    /// A broadcast state is being applied on the blocking thread.
+    applying: bool,
 }
 
 /// The worker actor (stateless handler; state built in `pre_start`).
@@ -152,6 +158,8 @@ impl Actor for Worker {
             refused_state: None,
             sink: args.sink,
             beats,
+            done: false,
+            applying: false,
         })
     }
 
@@ -197,6 +205,7 @@ impl Actor for Worker {
             }
             WorkerMsg::Executed { outcome, executor } => {
                 state.executor = Some(executor);
+                state.applying = false;
                 match outcome {
                     Outcome::Items { round, results } => {
                         for (item, result) in results {
@@ -216,9 +225,15 @@ impl Actor for Worker {
             }
             WorkerMsg::Beat => state.sink.heartbeat(),
             WorkerMsg::Done => {
-                myself.stop(Some("job finished".into()));
-                return Ok(());
+                state.queue.retain(|t| matches!(t, Task::Broadcast(_)));
+                state.done = true;
             }
+        }
+        // A running item is not waited for (its round is over); a broadcast being applied is.
+        if state.done && state.queue.is_empty() && !state.applying {
+            debug!(worker = %state.name, "job finished");
+            myself.stop(Some("job finished".into()));
+            return Ok(());
         }
         start_next(&myself, state);
         Ok(())
@@ -254,7 +269,10 @@ fn start_next(myself: &ActorRef<WorkerMsg>, state: &mut WorkerState) {
                 }
                 Run::Items { round, run }
             }
-            Task::Broadcast(blob) => Run::Broadcast(blob),
+            Task::Broadcast(blob) => {
+                state.applying = true;
+                Run::Broadcast(blob)
+            }
         };
         let me = myself.clone();
         let blocking = tokio::task::spawn_blocking(move || {

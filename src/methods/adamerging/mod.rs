@@ -12,6 +12,7 @@
 pub mod merge;
 pub mod step;
 pub mod tta;
+pub mod worker;
 
 use super::{Merged, Method, RunContext};
 use crate::config::{MethodConfig, Node};
@@ -194,41 +195,50 @@ impl Method for AdaMerging {
         let inputs = std::sync::Arc::new(merge::Inputs::open(ctx.pool)?);
         tracing::debug!(rss = ?crate::device::resident_mib(), "checkpoints opened");
         let shape = c.granularity.shape(inputs.tasks(), inputs.params());
-        let lambda = match &c.weights {
+        // `rejoin`: after a training on the cluster, the workers that go on to evaluate.
+        let (lambda, rejoin) = match &c.weights {
             Some(spec) => {
                 let lambda = load_weights(spec, &shape)?;
                 tracing::info!(shape = ?shape, "method.weights given: test-time adaptation skipped");
-                lambda
+                (lambda, None)
             }
             None if ctx.launch.join.is_some() => {
                 let addr = ctx.launch.join.context("a coordinator address")?;
-                tta::work(c, &inputs, ctx, addr)?;
-                return Ok(Merged {
-                    weights: crate::weights::WeightMap::new(),
-                    trainable: false,
-                    workers_done: true,
-                    params: None,
-                    options: Default::default(),
-                });
+                match worker::work(c, &inputs, ctx, addr)? {
+                    // The final λ: this worker merges the same model and joins its evaluation.
+                    Some(lambda) => (lambda, Some(0)),
+                    None => {
+                        tracing::warn!("the coordinator ended the adaptation before its last step: this worker is done");
+                        return Ok(Merged {
+                            weights: crate::weights::WeightMap::new(),
+                            trainable: false,
+                            workers_done: true,
+                            params: None,
+                            options: Default::default(),
+                            rejoin: None,
+                        });
+                    }
+                }
             }
             None => {
                 let log_dir = tta::log_dir(ctx.program);
-                let lambda = tta::adapt(c, &inputs, ctx, &log_dir)?;
+                let (lambda, remote) = tta::adapt(c, &inputs, ctx, &log_dir)?;
                 if let Some(path) = &c.save_merging_weights {
                     let dest = save_path(path, c.granularity, &log_dir);
                     save_weights(&dest, &shape, &lambda)?;
                     tracing::info!(path = %dest.display(), "merging weights saved");
                 }
-                lambda
+                (lambda, ctx.launch.serve.is_some().then_some(remote))
             }
         };
         let weights = merge::merge(&inputs, &lambda, c.granularity, c.clamp_weights)?;
         Ok(Merged {
             weights,
             trainable: false,
-            workers_done: ctx.launch.serve.is_some(),
+            workers_done: false,
             params: None,
             options: Default::default(),
+            rejoin,
         })
     }
 }

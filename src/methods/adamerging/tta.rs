@@ -80,7 +80,7 @@ pub(crate) fn seed_of(program: &ProgramConfig) -> u64 {
 
 /// The task set AdaMerging adapts on: the pool's `test_datasets` in model order, heads from
 /// `_pretrained_`, FusionBench's `CLIPClassificationMixin`.
-fn task_set(ctx: &RunContext<'_>, inputs: &Inputs) -> Result<TaskSet> {
+pub(super) fn task_set(ctx: &RunContext<'_>, inputs: &Inputs) -> Result<TaskSet> {
     let names: Vec<&str> = inputs.models.iter().map(|m| m.name()).collect();
     test_time_tasks(ctx, &names, "adamerging")
 }
@@ -167,13 +167,15 @@ fn run_key(
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Runs the adaptation and returns the final λ (flattened).
+/// Runs the adaptation and returns the final λ (flattened) and how many remote workers were
+/// joined at its end: each got the final λ as the job's last broadcast ([`super::worker::Final`])
+/// and goes on to evaluate the merged model.
 pub fn adapt(
     c: &AdaMergingConfig,
     inputs: &Arc<Inputs>,
     ctx: &RunContext<'_>,
     log_dir: &Path,
-) -> Result<Vec<f32>> {
+) -> Result<(Vec<f32>, usize)> {
     let set = task_set(ctx, inputs)?;
     tracing::debug!(rss = ?crate::device::resident_mib(), "task set loaded");
     let shape = c.granularity.shape(inputs.tasks(), inputs.params());
@@ -284,7 +286,7 @@ pub fn adapt(
             crate::launch::Launch::remember_bound(addr);
             tracing::info!(%addr, job = %job_name, "coordinator listening: workers join with --join")
         },
-        |job| -> Result<Vec<f32>> {
+        |job| -> Result<(Vec<f32>, usize)> {
     while step < c.max_steps {
         // One item per task, or per task and rank (task-major) with several devices.
         let items: Vec<StepItem> = (0..names.len())
@@ -377,11 +379,19 @@ pub fn adapt(
         exchange_share = if round_seconds > 0.0 { (1.0 - compute_seconds / round_seconds).max(0.0) } else { 0.0 },
         "test-time adaptation loop"
     );
-    Ok(lambda.clone())
+    // The remote workers evaluate the merged model too: they get the final λ before `Done`.
+    let mut remote = 0;
+    if listen.is_some() {
+        let last = super::worker::Final { step, lambda: lambda.clone() };
+        job.broadcast(fusion_cluster::codec::encode(&last)?)
+            .context("sending the final λ to the workers")?;
+        remote = job.workers().len().saturating_sub(replicas);
+    }
+    Ok((lambda.clone(), remote))
         },
     )
     .context("test-time adaptation")?;
-    let lambda = outcome?;
+    let (lambda, remote) = outcome?;
     tracing::info!(rounds = summary.rounds.len(), workers = ?summary.per_worker, lost = summary.lost.len(), "test-time adaptation done");
     metrics.finish()?;
     if !losses.is_empty() {
@@ -421,7 +431,7 @@ pub fn adapt(
         }
         crate::report::write_atomic(path, &serde_json::to_vec(&doc)?)?;
     }
-    Ok(lambda)
+    Ok((lambda, remote))
 }
 
 /// The checkpoint in `file`, if any, restored: `None` when there is none, or when it is a
@@ -585,35 +595,8 @@ fn write_state(path: &Path, state: &State) -> Result<()> {
     crate::report::write_atomic(path, &serde_json::to_vec(state)?)
 }
 
-/// A worker's side of the adaptation (`--join`): computes the step items the coordinator hands
-/// out until it releases this worker. The coordinator then evaluates the final model on its own
-/// devices.
-pub fn work(
-    c: &AdaMergingConfig,
-    inputs: &Arc<Inputs>,
-    ctx: &RunContext<'_>,
-    coordinator: std::net::SocketAddr,
-) -> Result<()> {
-    let set = task_set(ctx, inputs)?;
-    let devices = chosen_devices(ctx)?;
-    let executor =
-        executors(c, inputs, ctx, set, &devices)?.into_iter().next().context("a device")?;
-    let name = ctx.launch.worker_name();
-    let summary = fusion_cluster::runtime::run_worker(
-        coordinator,
-        &name,
-        Box::new(executor),
-        &ctx.launch.options_for(ctx.program),
-    )
-    .with_context(|| {
-        format!("test-time adaptation: worker `{name}` of the coordinator at {coordinator}")
-    })?;
-    tracing::info!(items = summary.executed, "test-time adaptation: worker done");
-    Ok(())
-}
-
 /// The devices of `fabric.devices` on `fabric.accelerator`.
-fn chosen_devices(ctx: &RunContext<'_>) -> Result<Vec<tch::Device>> {
+pub(super) fn chosen_devices(ctx: &RunContext<'_>) -> Result<Vec<tch::Device>> {
     let accelerator = ctx.program.fabric.accelerator.parse()?;
     let devices = crate::device::Devices::from_node(&ctx.program.fabric.devices)?;
     Ok(crate::device::select_all(accelerator, &devices)?)
@@ -624,7 +607,7 @@ fn chosen_devices(ctx: &RunContext<'_>) -> Result<Vec<tch::Device>> {
 /// where an item runs changes nothing (CPU executors keep this process's intra-op thread
 /// count). The number of devices does change the batches, as in FusionBench's DDP: each rank
 /// draws its own `DistributedSampler` shard ([`ShardedLoaders`]).
-fn executors(
+pub(super) fn executors(
     c: &AdaMergingConfig,
     inputs: &Arc<Inputs>,
     ctx: &RunContext<'_>,

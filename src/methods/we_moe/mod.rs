@@ -244,10 +244,11 @@ impl Method for WeMoe {
         let layout = c.layout(ctx, experts);
         let dense = construct::dense_keys(ctx);
         let keys = layout.keys(&dense);
-        let weights = match &c.checkpoint {
+        // `rejoin`: the workers that go on to evaluate after a training on the cluster.
+        let (weights, rejoin) = match &c.checkpoint {
             Some(path) => {
                 tracing::info!(checkpoint = %path.display(), "method.checkpoint given: test-time adaptation skipped");
-                checkpoint::load(path, &keys, c.shared_gate)?
+                (checkpoint::load(path, &keys, c.shared_gate)?, None)
             }
             None => {
                 let seed = crate::methods::adamerging::tta::seed_of(ctx.program);
@@ -264,23 +265,30 @@ impl Method for WeMoe {
                 let draws = routers.draws();
                 drop(routers);
                 if let Some(addr) = ctx.launch.join {
-                    // A worker: its routers come from the coordinator; the coordinator
-                    // evaluates the trained model.
-                    tta::work(c, ctx, map, addr)?;
-                    return Ok(Merged {
-                        weights: crate::weights::WeightMap::new(),
-                        trainable: true,
-                        workers_done: true,
-                        params: None,
-                        options: Default::default(),
-                    });
+                    // A worker: its routers come from the coordinator, the trained ones last;
+                    // with them it joins the evaluation (the coordinator saves the checkpoint).
+                    match tta::work(c, ctx, map.shallow_clone(), addr)? {
+                        Some(trained) => (tta::with_routers(map, &trained, c.shared_gate), Some(0)),
+                        None => {
+                            tracing::warn!("the coordinator ended the training before its last step: this worker is done");
+                            return Ok(Merged {
+                                weights: crate::weights::WeightMap::new(),
+                                trainable: true,
+                                workers_done: true,
+                                params: None,
+                                options: Default::default(),
+                                rejoin: None,
+                            });
+                        }
+                    }
+                } else {
+                    let (trained, remote) = tta::adapt(c, ctx, &layout, map, seed, draws)?;
+                    if let Some(path) = &c.save_checkpoint {
+                        checkpoint::save(path, &trained)?;
+                        tracing::info!(path = %path.display(), "checkpoint saved");
+                    }
+                    (trained, ctx.launch.serve.is_some().then_some(remote))
                 }
-                let trained = tta::adapt(c, ctx, &layout, map, seed, draws)?;
-                if let Some(path) = &c.save_checkpoint {
-                    checkpoint::save(path, &trained)?;
-                    tracing::info!(path = %path.display(), "checkpoint saved");
-                }
-                trained
             }
         };
         let weights = if c.post_sparse_gate {
@@ -297,14 +305,13 @@ impl Method for WeMoe {
         } else {
             Routing::Batch
         };
-        // After a cluster's training its workers are released: the coordinator evaluates.
-        let trained_on_cluster = c.checkpoint.is_none() && ctx.launch.serve.is_some();
         Ok(Merged {
             weights,
             trainable: true,
-            workers_done: trained_on_cluster,
+            workers_done: false,
             params: Some((all, routers * router_copies)),
             options: crate::models::clip::encoder::LoadOptions { routing },
+            rejoin,
         })
     }
 }

@@ -142,6 +142,8 @@ pub struct RouterExecutor {
     vision: ClipVision,
     leaves: Vec<Tensor>,
     step: Option<u64>,
+    /// The step of the last routers taken ([`u64::MAX`] before any), readable from outside.
+    seen: std::sync::Arc<std::sync::atomic::AtomicU64>,
     small: bool,
 }
 
@@ -165,12 +167,19 @@ impl RouterExecutor {
         .context("the WE-MoE model")?;
         let small = map.numel() < crate::methods::adamerging::step::SMALL_MODEL
             && set.device == tch::Device::Cpu;
-        Ok(Self { set, _map: map, vision, leaves, step: None, small })
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        Ok(Self { set, _map: map, vision, leaves, step: None, seen, small })
     }
 
     /// The router tensors (leaves), in state-dict order.
     pub fn leaves(&self) -> &[Tensor] {
         &self.leaves
+    }
+
+    /// The step of the last routers this executor took ([`u64::MAX`] before any), shared: it
+    /// stays readable once the executor is handed to the runtime.
+    pub fn step_seen(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.seen.clone()
     }
 
     /// Takes the routers of `state`.
@@ -181,6 +190,7 @@ impl RouterExecutor {
             leaf.copy_(v);
         }
         self.step = Some(state.step);
+        self.seen.store(state.step, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 

@@ -178,8 +178,10 @@ fn resume(file: &Path, key: &str, c: &WeMoeConfig, like: &[Tensor]) -> Result<Op
 }
 
 /// Trains the routers of `map` (FusionBench's initial MoE model) on the cluster (this process
-/// computing too) and returns the trained model; `draws` is how many 32-bit draws of torch's
-/// default generator seeding with `seed` and the construction took.
+/// computing too) and returns the trained model and how many remote workers were joined at the
+/// end (each got the trained routers as the job's last broadcast, so it can evaluate); `draws`
+/// is how many 32-bit draws of torch's default generator seeding with `seed` and the
+/// construction took.
 pub fn adapt(
     c: &WeMoeConfig,
     ctx: &RunContext<'_>,
@@ -187,7 +189,7 @@ pub fn adapt(
     map: WeightMap,
     seed: u64,
     draws: u64,
-) -> Result<WeightMap> {
+) -> Result<(WeightMap, usize)> {
     let set = tasks(c, ctx)?;
     let names = set.names();
     let key = run_key(c, &set, ctx);
@@ -248,7 +250,7 @@ pub fn adapt(
             crate::launch::Launch::remember_bound(addr);
             tracing::info!(%addr, job = %job_name, "coordinator listening: workers join with --join")
         },
-        |job| -> Result<Vec<Tensor>> {
+        |job| -> Result<(Vec<Tensor>, usize)> {
             let broadcast = |job: &mut fusion_cluster::runtime::Job, step: u64, params: &[Tensor]| -> Result<()> {
                 let state = RouterState { step, values: super::step::flatten(params) };
                 job.broadcast(fusion_cluster::codec::encode(&state)?).context("sending the routers to the workers")
@@ -303,9 +305,9 @@ pub fn adapt(
                     }
                     std::process::exit(143);
                 }
-                if step < c.max_steps {
-                    broadcast(job, step, &params)?;
-                }
+                // After the last step too: the workers keep the trained routers and go on to
+                // evaluate the trained model.
+                broadcast(job, step, &params)?;
             }
             let done = (step - first).max(1) as f64;
             tracing::info!(
@@ -317,19 +319,21 @@ pub fn adapt(
                 exchange_share = if round_seconds > 0.0 { (1.0 - compute_seconds / round_seconds).max(0.0) } else { 0.0 },
                 "test-time adaptation loop"
             );
-            Ok(params)
+            // Every worker joined now but this process's own executor.
+            let remote = job.workers().len().saturating_sub(1);
+            Ok((params, remote))
         },
     )
     .context("test-time adaptation")?;
-    let params = outcome?;
+    let (params, remote) = outcome?;
     drop(signals);
     bar.finish_and_clear();
     tracing::info!(rounds = summary.rounds.len(), workers = ?summary.per_worker, lost = summary.lost.len(), "test-time adaptation done");
-    Ok(with_routers(map, &params, c.shared_gate))
+    Ok((with_routers(map, &params, c.shared_gate), remote))
 }
 
 /// `map` with its router tensors replaced by `params` (state-dict order; a shared router once).
-fn with_routers(map: WeightMap, params: &[Tensor], shared: bool) -> WeightMap {
+pub fn with_routers(map: WeightMap, params: &[Tensor], shared: bool) -> WeightMap {
     let mut out = WeightMap::new();
     let mut next = params.iter();
     let mut by_suffix: HashMap<String, Tensor> = HashMap::new();
@@ -353,16 +357,21 @@ fn with_routers(map: WeightMap, params: &[Tensor], shared: bool) -> WeightMap {
 }
 
 /// A worker's side of the router training (`--join`): computes the items the coordinator hands
-/// out, with the routers it broadcasts, until it releases this worker.
+/// out, with the routers it broadcasts, until it releases this worker. Returns the trained
+/// routers (state-dict order, on the CPU) when the job's last broadcast was those of the last
+/// step, as a finished training's is; `None` when the job ended otherwise.
 pub fn work(
     c: &WeMoeConfig,
     ctx: &RunContext<'_>,
     map: WeightMap,
     coordinator: std::net::SocketAddr,
-) -> Result<()> {
+) -> Result<Option<Vec<Tensor>>> {
     let set = tasks(c, ctx)?;
     let executor = RouterExecutor::new(set, map, c.shared_gate, options(c), ctx.pool.config())?;
     let floats: usize = executor.leaves().iter().map(|t| t.numel()).sum();
+    // The executor updates its routers in place: these views see the last state it took.
+    let routers: Vec<Tensor> = executor.leaves().iter().map(Tensor::shallow_clone).collect();
+    let last_step = executor.step_seen();
     let name = ctx.launch.worker_name();
     let opts = cluster_options(ctx.launch.options_for(ctx.program), floats);
     let summary =
@@ -370,6 +379,11 @@ pub fn work(
             .with_context(|| {
                 format!("test-time adaptation: worker `{name}` of the coordinator at {coordinator}")
             })?;
-    tracing::info!(items = summary.executed, "test-time adaptation: worker done");
-    Ok(())
+    let step = last_step.load(std::sync::atomic::Ordering::SeqCst);
+    tracing::info!(items = summary.executed, last_step = step, "test-time adaptation: worker done");
+    if step != c.max_steps {
+        return Ok(None);
+    }
+    let _guard = tch::no_grad_guard();
+    Ok(Some(routers.iter().map(|t| t.detach().to_device(tch::Device::Cpu).copy()).collect()))
 }
