@@ -6,7 +6,8 @@
 //! (`scripts/slurm/adamerging.sbatch`, on one node and on three) preempted in the middle of the
 //! test-time adaptation, by `scontrol requeue` and by that `USR2`, must resume from their
 //! checkpoint in `path.cache_dir/tta` at the step where they stopped and end at the λ file of an
-//! uninterrupted run outside Slurm, byte for byte. Installs Slurm from Debian when missing; where
+//! uninterrupted run outside Slurm, byte for byte; WE-MoE jobs the same, to the uninterrupted
+//! run's trained model (`method.save_checkpoint`). Installs Slurm from Debian when missing; where
 //! it cannot (no root, no apt-get) the script skips, except under `CI=true`, where a skip is a
 //! failure. Every daemon it starts is stopped by PID.
 

@@ -16,7 +16,8 @@
 #      three nodes (a distributed adaptation) by `scontrol requeue`, each time once the attempt
 #      has done a sixth of the steps. Each attempt must checkpoint at the signal, the next one
 #      resume at that step, and the final λ file equal byte for byte the one of an uninterrupted
-#      run outside Slurm.
+#      run outside Slurm; then the same for WE-MoE's router training (dense, the same script),
+#      whose trained model (method.save_checkpoint) must equal the uninterrupted run's.
 # Prints timings (cluster up, 3-node job, time to resume after the requeue, cells recomputed,
 # AdaMerging steps done before each preemption).
 # The cluster, its daemons (by PID) and the temp folder are removed on exit.
@@ -229,65 +230,89 @@ preempt_sweep requeue 1
 preempt_sweep usr2 1
 preempt_sweep requeue 3
 
-# ---- 3. AdaMerging jobs preempted in the middle of the adaptation resume from their checkpoint
-# (path.cache_dir/tta) and end at the λ of an uninterrupted run, byte for byte.
+# ---- 3. Test-time adaptations preempted in the middle resume from their checkpoint
+# (path.cache_dir/tta) and end at the result of an uninterrupted run, byte for byte: AdaMerging's
+# λ file, then WE-MoE's trained model (method.save_checkpoint).
 TTA_STEPS=${FB_SLURM_TTA_STEPS:-300}
-# tta_args DIR: sets TTA to the layer-wise run on the fixtures, checkpointing every 5 steps in
-# DIR/cache/tta, its λ in DIR/logs/merging_weights.pt (one file name for every run: torch's
-# archive inside the file is named after it).
-tta_args() {
-    TTA=(method=adamerging/clip method.name=clip_layer_wise_adamerging
-         modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8 taskpool=dummy
-         fabric.accelerator=cpu print_config=false seed=42 "method.max_steps=$TTA_STEPS"
-         +method.checkpoint_every_steps=5 method.save_merging_weights=merging_weights.pt
-         "path.cache_dir=$1/cache" "path.log_dir=$1/logs")
+# tta_kind adamerging|wemoe: which adaptation the runs below make: its name in messages
+# (TTA_NAME), its checkpoint's file name under path.cache_dir/tta (TTA_GLOB), the line it logs
+# when it resumes (RESUMING) and its result under the run's folder (TTA_RESULT).
+tta_kind() {
+    TTA_KIND=$1
+    case $1 in
+        adamerging)
+            TTA_NAME=AdaMerging TTA_GLOB="adamerging-*.json" TTA_RESULT=logs/merging_weights.pt
+            RESUMING="resuming test-time adaptation from its checkpoint" ;;
+        wemoe)
+            TTA_NAME=WE-MoE TTA_GLOB="wemoe-*.safetensors" TTA_RESULT=wemoe.ckpt
+            RESUMING="resuming the router training from its checkpoint" ;;
+        *) fail "tta_kind: unknown kind $1" ;;
+    esac
 }
-# tta_step DIR: the step of the checkpoint in DIR/cache/tta; empty while there is none.
+# tta_args DIR: sets TTA to the run on the fixtures (AdaMerging layer-wise; WE-MoE dense),
+# checkpointing every 5 steps in DIR/cache/tta, its result in DIR/$TTA_RESULT (one file name for
+# every run: torch's archive inside the file is named after it).
+tta_args() {
+    TTA=(modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8 taskpool=dummy
+         fabric.accelerator=cpu print_config=false seed=42 "method.max_steps=$TTA_STEPS"
+         +method.checkpoint_every_steps=5 "path.cache_dir=$1/cache" "path.log_dir=$1/logs")
+    case $TTA_KIND in
+        adamerging) TTA+=(method=adamerging/clip method.name=clip_layer_wise_adamerging
+                          method.save_merging_weights=merging_weights.pt) ;;
+        wemoe) TTA+=(method=wemoe/weight_ensembling_moe method.name=clip_weight_ensembling_moe
+                     method.use_grad_accumulate=false "method.save_checkpoint=$1/wemoe.ckpt") ;;
+    esac
+}
+# tta_step DIR: the step of the checkpoint in DIR/cache/tta; empty while there is none. The
+# step is the first "step" key of its JSON (AdaMerging's file; WE-MoE's safetensors header
+# holds it as an escaped JSON string).
 tta_step() {
     local f
-    for f in "$1"/cache/tta/adamerging-*.json; do
+    for f in "$1"/cache/tta/$TTA_GLOB; do
         [[ -f "$f" ]] || continue
-        { grep -o '"step":[0-9]*' "$f" || true; } | sed -n '1s/.*://p'
+        { head -c 65536 "$f" | grep -ao '\\\?"step\\\?":[0-9]*' || true; } | sed -n '1s/.*://p'
         return 0
     done
     return 0
 }
 # nth_step PATTERN N FILE: step=S of the Nth line of FILE matching PATTERN; empty if none.
 nth_step() { { grep "$1" "$3" 2>/dev/null || true; } | sed -n "$2s/.* step=\([0-9]*\).*/\1/p"; }
-RESUMING="resuming test-time adaptation from its checkpoint"
 STOPPED="signal received: checkpointed"
 
-tta_args "$TMP/tta-ref"
-T0=$(now)
-(cd "$TMP" && RUST_LOG=warn "$FUSION_BENCH" "${TTA[@]}") >"$TMP/tta-ref.log" 2>&1 \
-    || fail "single-process AdaMerging run: $(tail -20 "$TMP/tta-ref.log")"
-T_TTA=$(secs "$T0" "$(now)")
-TTA_REF="$TMP/tta-ref/logs/merging_weights.pt"
-[[ -s "$TTA_REF" ]] \
-    || fail "the single-process AdaMerging run wrote no $TTA_REF: $(tail -5 "$TMP/tta-ref.log")"
-[[ "$(tta_step "$TMP/tta-ref")" == "$TTA_STEPS" ]] \
-    || fail "the single-process AdaMerging run's checkpoint is at step '$(tta_step "$TMP/tta-ref")'," \
-        "not $TTA_STEPS (no checkpoint in $TMP/tta-ref/cache/tta?)"
-echo "AdaMerging outside Slurm (layer-wise, $TTA_STEPS steps, checkpoint every 5): ${T_TTA} s"
+# tta_reference: the uninterrupted run outside Slurm, its result in TTA_REF.
+tta_reference() {
+    local dir="$TMP/tta-ref-$TTA_KIND" t0
+    tta_args "$dir"
+    t0=$(now)
+    (cd "$TMP" && RUST_LOG=warn "$FUSION_BENCH" "${TTA[@]}") >"$dir.log" 2>&1 \
+        || fail "single-process $TTA_NAME run: $(tail -20 "$dir.log")"
+    TTA_REF="$dir/$TTA_RESULT"
+    [[ -s "$TTA_REF" ]] \
+        || fail "the single-process $TTA_NAME run wrote no $TTA_REF: $(tail -5 "$dir.log")"
+    [[ "$(tta_step "$dir")" == "$TTA_STEPS" ]] \
+        || fail "the single-process $TTA_NAME run's checkpoint is at step '$(tta_step "$dir")'," \
+            "not $TTA_STEPS (no checkpoint in $dir/cache/tta?)"
+    echo "$TTA_NAME outside Slurm ($TTA_STEPS steps, checkpoint every 5): $(secs "$t0" "$(now)") s"
+}
 
 # Each attempt is preempted once it has checkpointed at least this many steps of its own.
 TTA_GAP=$(( TTA_STEPS / 6 > 5 ? TTA_STEPS / 6 : 5 ))
-# preempt_tta NODES MODE...: an adamerging.sbatch job on NODES nodes, one task each (several: a
+# preempt_tta NODES MODE...: an adamerging.sbatch job (of the kind tta_kind set) on NODES nodes, one task each (several: a
 # distributed adaptation, rank 0 running the loop), preempted once per MODE: requeue (`scontrol
 # requeue`) or usr2 (`scancel --signal=USR2 --batch`), each time once the running attempt has
 # checkpointed TTA_GAP steps past where the one before stopped. Every attempt after the first
 # must resume at the step the one before checkpointed when signalled, and the final λ must be
 # the reference's.
 preempt_tta() {
-    local nodes=$1 dir="$TMP/tta-$1" id out mode st s i k=0 last=0 t0 t_pre t_back sig res r
+    local nodes=$1 dir="$TMP/tta-$TTA_KIND-$1" id out mode st s i k=0 last=0 t0 t_pre t_back sig res r
     local done_line msg report=()
     shift
     tta_args "$dir"
     t0=$(now)
     id=$(cd "$TMP" && RUST_LOG=info sbatch --parsable "${SB[@]}" -N "$nodes" --ntasks="$nodes" \
-        --ntasks-per-node=1 --output="$TMP/tta-$nodes-%j.out" \
+        --ntasks-per-node=1 --output="$TMP/tta-$TTA_KIND-$nodes-%j.out" \
         "$REPO/scripts/slurm/adamerging.sbatch" "${TTA[@]}") || fail "sbatch adamerging.sbatch failed"
-    out="$TMP/tta-$nodes-$id.out"
+    out="$TMP/tta-$TTA_KIND-$nodes-$id.out"
     for mode in "$@"; do
         k=$(( k + 1 ))
         # Attempt k has done steps of its own once the checkpoint is past where k-1 stopped.
@@ -296,87 +321,93 @@ preempt_tta() {
             [[ -n "$s" ]] && (( s >= last + TTA_GAP )) && break
             st=$(job_field "$id" JobState)
             [[ "$st" =~ ^(PENDING|RUNNING|CONFIGURING)$ ]] \
-                || fail "AdaMerging job $id: $st before attempt $k checkpointed: $(tail -20 "$out")"
+                || fail "$TTA_NAME job $id: $st before attempt $k checkpointed: $(tail -20 "$out")"
             sleep 0.1
         done
-        [[ -n "$s" && "$s" -ge $(( last + TTA_GAP )) ]] || fail "attempt $k of AdaMerging job $id" \
+        [[ -n "$s" && "$s" -ge $(( last + TTA_GAP )) ]] || fail "attempt $k of $TTA_NAME job $id" \
             "did not checkpoint step $(( last + TTA_GAP )) within 120 s (at '$s'): $(tail -20 "$out")"
         (( s < TTA_STEPS )) \
-            || fail "AdaMerging job $id finished before its preemption ($mode); raise FB_SLURM_TTA_STEPS"
+            || fail "$TTA_NAME job $id finished before its preemption ($mode); raise FB_SLURM_TTA_STEPS"
         t_pre=$(now)
         case "$mode" in
             requeue) scontrol requeue "$id" ;;
             usr2) scancel --signal=USR2 --batch "$id" ;;
-        esac || fail "could not preempt AdaMerging job $id ($mode)"
+        esac || fail "could not preempt $TTA_NAME job $id ($mode)"
         # The attempt is over once the job is pending again: its checkpoint is where the next
         # attempt must resume.
         for (( i = 0; i < 600; i++ )); do
             st=$(job_field "$id" JobState)
             [[ "$st" == PENDING ]] && break
-            [[ "$st" == COMPLETED ]] && fail "AdaMerging job $id completed instead of being" \
+            [[ "$st" == COMPLETED ]] && fail "$TTA_NAME job $id completed instead of being" \
                 "requeued ($mode); raise FB_SLURM_TTA_STEPS: $(tail -20 "$out")"
-            [[ "$st" =~ $ENDED ]] && fail "AdaMerging job $id: $st after $mode: $(tail -30 "$out")"
+            [[ "$st" =~ $ENDED ]] && fail "$TTA_NAME job $id: $st after $mode: $(tail -30 "$out")"
             sleep 0.1
         done
-        [[ "$st" == PENDING ]] || fail "AdaMerging job $id was not requeued within 60 s ($mode): state $st"
+        [[ "$st" == PENDING ]] || fail "$TTA_NAME job $id was not requeued within 60 s ($mode): state $st"
         last=$(tta_step "$dir")
         sig=$(nth_step "$STOPPED" "$k" "$out")
-        [[ "$sig" == "$last" ]] || fail "attempt $k of AdaMerging job $id, stopped by $mode: expected" \
+        [[ "$sig" == "$last" ]] || fail "attempt $k of $TTA_NAME job $id, stopped by $mode: expected" \
             "'$STOPPED ... step=$last' (the checkpoint it left), found '${sig:-no such line}':" \
             "$(grep -v ' round ' "$out" | tail -20)"
-        (( last < TTA_STEPS )) || fail "AdaMerging job $id had done all $TTA_STEPS steps when $mode landed"
+        (( last < TTA_STEPS )) || fail "$TTA_NAME job $id had done all $TTA_STEPS steps when $mode landed"
         # Back: the next attempt has read the checkpoint.
         t_back=""
         for (( i = 0; i < 1200; i++ )); do
             [[ -n "$(nth_step "$RESUMING" "$k" "$out")" ]] && { t_back=$(now); break; }
             st=$(job_field "$id" JobState)
             [[ "$st" =~ $ENDED || "$st" == COMPLETED ]] \
-                && fail "AdaMerging job $id: $st before resuming after $mode: $(tail -30 "$out")"
+                && fail "$TTA_NAME job $id: $st before resuming after $mode: $(tail -30 "$out")"
             sleep 0.1
         done
         [[ -n "$t_back" ]] \
-            || fail "AdaMerging job $id did not resume within 120 s after $mode: $(grep -v ' round ' "$out" | tail -20)"
+            || fail "$TTA_NAME job $id did not resume within 120 s after $mode: $(grep -v ' round ' "$out" | tail -20)"
         res=$(nth_step "$RESUMING" "$k" "$out")
         [[ "$res" == "$last" ]] \
-            || fail "attempt $(( k + 1 )) of AdaMerging job $id resumed at step $res, the checkpoint was at $last"
+            || fail "attempt $(( k + 1 )) of $TTA_NAME job $id resumed at step $res, the checkpoint was at $last"
         report+=("$mode at step $last, resumed $(secs "$t_pre" "$t_back") s later")
     done
     wait_job "$id"
     st=$(job_field "$id" JobState)
-    [[ "$st" == COMPLETED ]] || fail "AdaMerging job $id: $st: $(grep -v ' round ' "$out" | tail -30)"
+    [[ "$st" == COMPLETED ]] || fail "$TTA_NAME job $id: $st: $(grep -v ' round ' "$out" | tail -30)"
     [[ "$(job_field "$id" Restarts)" == "$k" ]] \
-        || fail "AdaMerging job $id restarted $(job_field "$id" Restarts) times, not $k"
+        || fail "$TTA_NAME job $id restarted $(job_field "$id" Restarts) times, not $k"
     [[ "$(job_field "$id" ExitCode)" == 0:0 ]] || fail "job $id exit code $(job_field "$id" ExitCode)"
     [[ "$(grep -c "$RESUMING" "$out" || true)" -eq "$k" ]] \
-        || fail "AdaMerging job $id: $(grep -c "$RESUMING" "$out" || true) resumptions for $k preemptions"
+        || fail "$TTA_NAME job $id: $(grep -c "$RESUMING" "$out" || true) resumptions for $k preemptions"
     [[ "$(tta_step "$dir")" == "$TTA_STEPS" ]] \
-        || fail "AdaMerging job $id ended with its checkpoint at step $(tta_step "$dir"), not $TTA_STEPS"
-    [[ -s "$dir/logs/merging_weights.pt" ]] \
-        || fail "AdaMerging job $id wrote no $dir/logs/merging_weights.pt: $(grep -v ' round ' "$out" | tail -20)"
-    cmp "$TTA_REF" "$dir/logs/merging_weights.pt" \
-        || fail "AdaMerging job $id ($nodes node(s), preempted: ${report[*]}): its λ differs from the" \
-            "uninterrupted run's ($TTA_REF vs $dir/logs/merging_weights.pt)"
+        || fail "$TTA_NAME job $id ended with its checkpoint at step $(tta_step "$dir"), not $TTA_STEPS"
+    [[ -s "$dir/$TTA_RESULT" ]] \
+        || fail "$TTA_NAME job $id wrote no $dir/$TTA_RESULT: $(grep -v ' round ' "$out" | tail -20)"
+    cmp "$TTA_REF" "$dir/$TTA_RESULT" \
+        || fail "$TTA_NAME job $id ($nodes node(s), preempted: ${report[*]}): its result differs from the" \
+            "uninterrupted run's ($TTA_REF vs $dir/$TTA_RESULT)"
     done_line=$(grep "test-time adaptation done" "$out" | tail -1)
     if (( nodes > 1 )); then
         [[ "$(job_field "$id" NodeList)" == "n[1-$nodes]" ]] \
-            || fail "AdaMerging job $id ran on $(job_field "$id" NodeList)"
+            || fail "$TTA_NAME job $id ran on $(job_field "$id" NodeList)"
         for (( r = 0; r < nodes; r++ )); do
             grep -q "Slurm task.*rank=$r" "$out" || fail "no 'Slurm task' line for rank $r in $out"
         done
         # The last attempt's steps went to the other ranks too.
         for (( r = 1; r < nodes; r++ )); do
             [[ "$done_line" == *"rank-$r"* ]] \
-                || fail "rank $r did no step of AdaMerging job $id's last attempt: '$done_line'"
+                || fail "rank $r did no step of $TTA_NAME job $id's last attempt: '$done_line'"
         done
     fi
     msg=$(printf '%s; ' "${report[@]}")
-    echo "AdaMerging job $id ($nodes node(s), $nodes task(s)): preempted by ${msg%; };" \
-        "completed $(secs "$t0" "$(now)") s after submission; λ equals the uninterrupted run's" \
-        "byte for byte; '${done_line##*INFO }'"
+    echo "$TTA_NAME job $id ($nodes node(s), $nodes task(s)): preempted by ${msg%; };" \
+        "completed $(secs "$t0" "$(now)") s after submission; $TTA_RESULT equals the" \
+        "uninterrupted run's byte for byte; '${done_line##*INFO }'"
 }
+tta_kind adamerging
+tta_reference
+preempt_tta 1 requeue usr2
+preempt_tta 3 requeue
+tta_kind wemoe
+tta_reference
 preempt_tta 1 requeue usr2
 preempt_tta 3 requeue
 echo "PASS: Slurm: the 3-node report equals the single-process report; preempted sweeps resume" \
-    "without recomputing finished cells; preempted AdaMerging jobs (1 and 3 nodes) resume from" \
-    "their checkpoint to the uninterrupted λ byte for byte (cluster up ${T_UP} s, 3-node job" \
+    "without recomputing finished cells; preempted AdaMerging and WE-MoE jobs (1 and 3 nodes)" \
+    "resume from their checkpoint to the uninterrupted result byte for byte (cluster up ${T_UP} s, 3-node job" \
     "${T_MULTI} s)"
