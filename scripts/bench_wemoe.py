@@ -50,18 +50,21 @@ Modes:
               svhn and mnist are left out, their datasets need configs), `--steps` steps (default
               3) and 1 step each side, batch 16. Each .ckpt holds the whole MoE model (~1.7 GB at
               B/32); all but the two compared are deleted as soon as their run ends.
+  --ours-only leave FusionBench out (its B/32 WE-MoE outgrows a 24 GiB machine: killed by the OOM
+              killer at 18.5 GB anonymous RSS in its second step, measured 2026-12-04).
   --l14       ours only (as bench_tta.py's --l14) at ViT-L/14 size (make_pool's l14 pool), `--steps` steps
               (default 2), `method.batch_size=4 method.use_grad_accumulate=true` (the seed's L/14
               recipe): whole process, loop s/step and peak RSS. The .ckpt it writes is ~6 GB
               (deleted after the run): keep that much free under `--work`.
-  --exchange  ours on the fixtures, `--steps` steps (default 20), 1 process against 2 on loopback
+  --exchange  ours on the fixtures (with --b32: the B/32-size pool, 3 steps, 1 repeat), `--steps`
+              steps (default 20), 1 process against 2 on loopback
               (`--serve 127.0.0.1:0` computing + one `--join` worker, as bench_tta.py's exchange
               mode): seconds per step and the log line's `exchange_share` (the share of the rounds'
               wall time not spent computing items: encoding, QUIC, broadcasting the routers,
               waiting); the 2-process routers are checked against the 1-process ones (the same
               relative figure; the runtime promises the same bits: 0).
 
-usage: python scripts/bench_wemoe.py [--repeats 3] [--steps N] [--b32 | --l14 | --exchange] [--work DIR]
+usage: python scripts/bench_wemoe.py [--repeats 3] [--steps N] [--b32 | --l14] [--exchange] [--work DIR]
        (python from scripts/fixtures/ref-venv.sh; build first: cargo build --release; the libtorch
        of scripts/env.sh on the library path)
 """
@@ -148,7 +151,7 @@ def ratio(x, y):
 def compare(a, hf_home, env, size):
     """Both sides at `a.steps` and at 1 step, alternately, `a.repeats` times."""
     ours_bin = os.path.join(ROOT, "target", "release", "fusion_bench")
-    sides = ["ours"] if size == "l14" else ["ours", "theirs"]
+    sides = ["ours"] if size == "l14" or a.ours_only else ["ours", "theirs"]
     counts = [a.steps] if a.steps == 1 or size == "l14" else [a.steps, 1]
     runs = {(side, n): [] for side in sides for n in counts}
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
@@ -204,8 +207,8 @@ def compare(a, hf_home, env, size):
               f"max|FusionBench| = {diff:.2e}")
 
 
-def exchange(a, env):
-    """Ours on the fixtures, 1 process against 2 on loopback: s/step, exchange share, same routers."""
+def exchange(a, env, size):
+    """Ours, 1 process against 2 on loopback: s/step, exchange share, same routers."""
     ours_bin = os.path.join(ROOT, "target", "release", "fusion_bench")
     rows = {1: [], 2: []}
     diff, tensors = 0.0, 0
@@ -214,7 +217,7 @@ def exchange(a, env):
             for procs in (1, 2):
                 cwd = os.path.join(tmp, f"p{procs}-{r}")
                 os.makedirs(cwd)
-                base = [ours_bin] + args(a.steps, os.path.join(cwd, "model.ckpt"), "fixtures") + [
+                base = [ours_bin] + args(a.steps, os.path.join(cwd, "model.ckpt"), size) + [
                     f"path.cache_dir={os.path.join(tmp, 'cache', str(r), str(procs))}",
                     "+method.checkpoint_every_steps=1000000"]
                 if procs == 1:
@@ -224,7 +227,8 @@ def exchange(a, env):
                 rows[procs].append((log_field(err, LINE, "seconds_per_step"), log_field(err, LINE, "exchange_share")))
             d, tensors = router_diff(os.path.join(tmp, f"p2-{r}", "model.ckpt"), os.path.join(tmp, f"p1-{r}", "model.ckpt"))
             diff = max(diff, d)
-    print(f"WE-MoE router training on the fixtures, {a.steps} steps, ours (median of {a.repeats}):")
+    where = "the fixtures" if size == "fixtures" else "a ViT-B/32-size pool of six tasks, batch 16"
+    print(f"WE-MoE router training on {where}, {a.steps} steps, ours (median of {a.repeats}):")
     for procs in (1, 2):
         sps, share = med([x[0] for x in rows[procs]]), med([x[1] for x in rows[procs]])
         print(f"  {procs} process(es){' on loopback' if procs == 2 else '            '}: {sps * 1000:7.1f} ms/step; "
@@ -240,7 +244,10 @@ def main():
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--b32", action="store_true")
     mode.add_argument("--l14", action="store_true")
-    mode.add_argument("--exchange", action="store_true")
+    ap.add_argument("--exchange", action="store_true", help="with --b32: at the B/32 size")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="leave FusionBench out (at B/32 it needs more than 18 GB: on a 24 GiB machine "
+                         "the OOM killer ends it in its second step)")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/fusion_bench/bench_tta"),
                     help="where the B/32 and L/14 pools are made once (bench_tta.py's, shared) and runs are scratched")
     a = ap.parse_args()
@@ -252,7 +259,9 @@ def main():
     env = dict(os.environ, HF_HOME=hf_home, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", RUST_LOG="info")
     if a.exchange:
-        exchange(a, env)
+        if size == "l14":
+            sys.exit("--exchange runs on the fixtures or, with --b32, at the B/32 size")
+        exchange(a, env, size)
         return
     compare(a, hf_home, env, size)
 

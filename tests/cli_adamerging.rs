@@ -3,8 +3,13 @@
 //! each; the saved files read by Python's `torch.load(weights_only=True)`; and a run stopped by
 //! SIGTERM or killed with SIGKILL, restarted, ending at the uninterrupted run's λ bit for bit.
 
+use common::cluster::{
+    assert_worker_adapted_and_evaluated, assert_worker_succeeded, spawn_worker, Coordinator,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+mod common;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -266,7 +271,6 @@ fn quiet(mut c: Command) -> Command {
 /// one worker (SIGKILL) once the run has checkpointed step 3. Returns the λ trace's steps and
 /// the report's bytes.
 fn three_processes(dir: &Path, steps: u64, kill_one: bool) -> (serde_json::Value, Vec<u8>) {
-    use std::io::{BufRead, BufReader};
     let job = dir.join("job");
     let mut a = dist_args(dir, steps, "coord");
     a.extend([
@@ -281,32 +285,10 @@ fn three_processes(dir: &Path, steps: u64, kill_one: bool) -> (serde_json::Value
         "--job-dir".into(),
         job.display().to_string(),
     ]);
-    let mut coord = quiet(command(dir, &a))
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = coord.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .expect("the coordinator says where it listens");
-        if line.contains("coordinator listening") {
-            if let Some(a) = line.split_whitespace().find_map(|w| w.strip_prefix("addr=")) {
-                break a.to_string();
-            }
-        }
-    };
+    let (coord, addr) = Coordinator::spawn(quiet(command(dir, &a)));
     let mut workers: Vec<_> = (0..2)
         .map(|i| {
             let wdir = dir.join(format!("w{i}"));
-            std::fs::create_dir_all(&wdir).unwrap();
             // The same command line as the coordinator's (the job id comes from the config).
             let mut a = dist_args(dir, steps, "coord");
             a.extend([
@@ -317,13 +299,7 @@ fn three_processes(dir: &Path, steps: u64, kill_one: bool) -> (serde_json::Value
                 "--job-dir".into(),
                 job.display().to_string(),
             ]);
-            let log = std::fs::File::create(wdir.join("stderr.log")).unwrap();
-            quiet(command(dir, &a))
-                .env("RUST_LOG", "info")
-                .stdout(std::process::Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap()
+            spawn_worker(quiet(command(dir, &a)), &wdir)
         })
         .collect();
     if kill_one {
@@ -346,43 +322,12 @@ fn three_processes(dir: &Path, steps: u64, kill_one: bool) -> (serde_json::Value
         }
         workers[0].kill().unwrap();
     }
-    let status = coord.wait().unwrap();
-    let rest: Vec<String> = rx.try_iter().collect();
-    assert!(status.success(), "coordinator: {status}\n{}", rest.join("\n"));
-    for (i, w) in workers.iter_mut().enumerate() {
-        let s = w.wait().unwrap();
-        if !(kill_one && i == 0) {
-            let log = std::fs::read_to_string(dir.join(format!("w{i}/stderr.log")))
-                .unwrap_or_default()
-                + &std::fs::read_to_string(dir.join(format!("w{i}/stdout.log")))
-                    .unwrap_or_default();
-            assert!(s.success(), "worker {i}: {s}\n{log}");
-        }
-    }
-    // Every surviving worker adapted and then evaluated the merged model (it got the final λ
-    // as the adaptation's last broadcast): items of both phases.
-    for i in (kill_one as usize)..2 {
-        let log = std::fs::read_to_string(dir.join(format!("w{i}/stderr.log"))).unwrap_or_default();
-        let items = |adapting: bool| {
-            log.lines()
-                .filter(|l| {
-                    l.contains("worker done") && l.contains("test-time adaptation") == adapting
-                })
-                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("items=")))
-                .and_then(|n| n.parse::<u64>().ok())
-        };
-        if !kill_one {
-            assert!(
-                items(true).is_some_and(|n| n > 0),
-                "worker {i} adapted ({:?}):\n{log}",
-                items(true)
-            );
-        }
-        assert!(
-            items(false).is_some_and(|n| n > 0),
-            "worker {i} evaluated ({:?}):\n{log}",
-            items(false)
-        );
+    coord.wait_success();
+    // Every surviving worker adapted, then evaluated the merged model with the others.
+    for (i, w) in workers.iter_mut().enumerate().skip(kill_one as usize) {
+        let wdir = dir.join(format!("w{i}"));
+        assert_worker_succeeded(w, i, &wdir);
+        assert_worker_adapted_and_evaluated(&wdir, !kill_one);
     }
     let trace: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("coord.trace.json")).unwrap())

@@ -1,12 +1,17 @@
 //! End to end: WE-MoE's router training on the cluster runtime. A coordinator and two workers
 //! (also with one worker killed mid-run) train the routers to the single process's bits, then
-//! evaluate the trained model together and give the single process's report; a run stopped by SIGTERM or killed with SIGKILL, restarted, ends with the
+//! evaluate the trained model together and give the single process's report; a run stopped by
+//! SIGTERM (also in the middle of a step) or killed with SIGKILL, restarted, ends with the
 //! uninterrupted run's routers bit for bit.
 
+use common::cluster::{
+    assert_worker_adapted_and_evaluated, assert_worker_succeeded, spawn_worker, Coordinator,
+};
 use fusion_bench::weights::torch_file::{self, TorchValue};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+mod common;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -100,83 +105,26 @@ fn three_processes(dir: &Path, steps: u64, kill_one: bool) -> (Vec<(String, Vec<
     let mut a = args(dir, steps, "run");
     a.extend(["--serve", "127.0.0.1:0", "--min-workers", "2", "--wait", "60"].map(String::from));
     a.extend(["--job-dir".to_string(), job.display().to_string()]);
-    let mut coord = command(dir, &a)
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = coord.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .expect("the coordinator's address");
-        if line.contains("coordinator listening") {
-            if let Some(a) = line.split_whitespace().find_map(|w| w.strip_prefix("addr=")) {
-                break a.to_string();
-            }
-        }
-    };
+    let (mut coord, addr) = Coordinator::spawn(command(dir, &a));
     let mut workers: Vec<_> = (0..2)
         .map(|i| {
             let wdir = dir.join(format!("w{i}"));
-            std::fs::create_dir_all(&wdir).unwrap();
             let mut a = args(dir, steps, "run");
             a.extend(["--join".to_string(), addr.clone(), "--node-name".into(), format!("w{i}")]);
             a.extend(["--job-dir".to_string(), job.display().to_string()]);
-            let log = std::fs::File::create(wdir.join("stderr.log")).unwrap();
-            command(&wdir, &a)
-                .env("RUST_LOG", "info")
-                .stdout(std::process::Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap()
+            spawn_worker(command(&wdir, &a), &wdir)
         })
         .collect();
     if kill_one {
-        wait_for_step(dir, 3, &mut coord);
+        wait_for_step(dir, 3, &mut coord.child);
         workers[0].kill().unwrap();
     }
-    let status = coord.wait().unwrap();
-    let rest: Vec<String> = rx.try_iter().collect();
-    assert!(status.success(), "coordinator: {status}\n{}", rest.join("\n"));
-    for (i, w) in workers.iter_mut().enumerate() {
-        let s = w.wait().unwrap();
-        if !(kill_one && i == 0) {
-            let log =
-                std::fs::read_to_string(dir.join(format!("w{i}/stderr.log"))).unwrap_or_default();
-            assert!(s.success(), "worker {i}: {s}\n{log}");
-        }
-    }
-    // Every surviving worker trained and then evaluated the trained model (it got the trained
-    // routers as the training's last broadcast): items of both phases.
-    for i in (kill_one as usize)..2 {
-        let log = std::fs::read_to_string(dir.join(format!("w{i}/stderr.log"))).unwrap_or_default();
-        let items = |training: bool| {
-            log.lines()
-                .filter(|l| {
-                    l.contains("worker done") && l.contains("test-time adaptation") == training
-                })
-                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("items=")))
-                .and_then(|n| n.parse::<u64>().ok())
-        };
-        if !kill_one {
-            assert!(
-                items(true).is_some_and(|n| n > 0),
-                "worker {i} trained ({:?}):\n{log}",
-                items(true)
-            );
-        }
-        assert!(
-            items(false).is_some_and(|n| n > 0),
-            "worker {i} evaluated ({:?}):\n{log}",
-            items(false)
-        );
+    coord.wait_success();
+    // Every surviving worker trained, then evaluated the trained model with the others.
+    for (i, w) in workers.iter_mut().enumerate().skip(kill_one as usize) {
+        let wdir = dir.join(format!("w{i}"));
+        assert_worker_succeeded(w, i, &wdir);
+        assert_worker_adapted_and_evaluated(&wdir, !kill_one);
     }
     (routers_and_all(&dir.join("run.ckpt")), std::fs::read(dir.join("run.json")).unwrap())
 }
@@ -236,6 +184,41 @@ fn a_stopped_or_killed_router_training_resumes_to_the_same_routers() {
             String::from_utf8_lossy(&report),
             "SIG{signal}: the report"
         );
+    }
+}
+
+/// A stop signal does not wait for the step under way: a coordinator still waiting for its
+/// workers (a step that cannot finish) writes the state of its last finished step (here the
+/// initial one) at once and exits 143; the same command without `--serve` resumes from it to the
+/// uninterrupted run's routers.
+#[test]
+fn a_stop_signal_mid_step_checkpoints_the_last_finished_step_at_once() {
+    let steps = 4;
+    let reference = tempfile::tempdir().unwrap();
+    let (want, _) = single(reference.path(), steps);
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(dir.path(), steps, "run");
+    a.extend(["--serve", "127.0.0.1:0", "--min-workers", "1", "--wait", "600"].map(String::from));
+    a.extend(["--job-dir".to_string(), dir.path().join("job").display().to_string()]);
+    let (coord, _) = Coordinator::spawn(command(dir.path(), &a));
+    Command::new("kill").args(["-TERM", &coord.child.id().to_string()]).status().unwrap();
+    // Waiting for a worker that never comes: only the watcher can end the process (the wait for
+    // workers lasts 600 s).
+    let (status, log) = coord.wait();
+    assert_eq!(status.code(), Some(143), "SIGTERM: checkpoint, then exit 143\n{log}");
+    assert!(log.contains("signal received: checkpointed"), "{log}");
+    assert_eq!(checkpointed_step(dir.path()), Some(0), "the initial state, checkpointed");
+    let out = command(dir.path(), &args(dir.path(), steps, "run"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resuming the router training from its checkpoint"), "{err}");
+    let got = routers_and_all(&dir.path().join("run.ckpt"));
+    assert_eq!(got.len(), want.len());
+    for ((name, a), (_, b)) in got.iter().zip(&want) {
+        assert!(a == b, "resumed: `{name}` differs from the uninterrupted run's bits");
     }
 }
 

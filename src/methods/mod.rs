@@ -8,7 +8,9 @@
 pub mod adamerging;
 mod aten_sum;
 mod dummy;
+mod fisher_merging;
 mod pool;
+pub(crate) mod pool_tasks;
 mod simd;
 mod simple_average;
 pub(crate) mod task_arithmetic;
@@ -108,6 +110,11 @@ pub const REGISTRY: &[Entry] = &[
         build: |cfg, _| Ok(Box::new(ties_merging::TiesMerging::from_config(cfg)?)),
     },
     Entry {
+        option: "fisher_merging/clip_fisher_merging",
+        class: "FisherMergingForCLIPVisionModel",
+        build: |cfg, _| Ok(Box::new(fisher_merging::FisherMerging::from_config(cfg)?)),
+    },
+    Entry {
         option: "adamerging/clip",
         class: "CLIPLayerWiseAdaMergingAlgorithm",
         build: |cfg, ctx| Ok(Box::new(adamerging::AdaMerging::from_config(cfg, ctx)?)),
@@ -169,7 +176,7 @@ mod tests {
     #[test]
     fn every_method_has_its_config_and_class() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/method");
-        assert_eq!(REGISTRY.len(), 8);
+        assert_eq!(REGISTRY.len(), 9);
         for e in REGISTRY {
             let path = dir.join(format!("{}.yaml", e.option));
             let text = std::fs::read_to_string(&path)

@@ -14,6 +14,7 @@ use tch::{Kind, Tensor};
 /// One opened checkpoint of the pool.
 pub struct Checkpoint {
     name: String,
+    dir: std::path::PathBuf,
     weights: CheckpointWeights,
     shapes: HashMap<String, Vec<i64>>,
     /// Tensors already found finite (a method may read a tensor in several passes).
@@ -50,6 +51,11 @@ impl Checkpoint {
     /// The model's name in the pool (`sun397`, `_pretrained_`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The folder its files are in (a hub snapshot or a local model folder).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// The tensor `name` (`vision_model.…`) as float32, checked against the pool's architecture
@@ -174,6 +180,7 @@ impl ModelPool {
         }
         Ok(Checkpoint {
             name: name.to_string(),
+            dir: dir.to_path_buf(),
             weights,
             shapes: self.shapes.clone(),
             finite: Mutex::new(HashSet::new()),

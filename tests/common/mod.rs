@@ -1,6 +1,9 @@
 //! Shared by the integration tests: driving a bash harness with this build's `fusion_bench`,
-//! comparing safetensors files byte for byte, and comparing reports with FusionBench's.
+//! comparing safetensors files byte for byte, comparing reports with FusionBench's, and
+//! multi-process runs ([`cluster`]).
 #![allow(dead_code)]
+
+pub mod cluster;
 
 use std::path::Path;
 use std::process::Command;

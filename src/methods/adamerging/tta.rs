@@ -8,8 +8,7 @@ use super::step::{StepExecutor, StepItem, StepResult};
 use super::AdaMergingConfig;
 use crate::config::ProgramConfig;
 use crate::methods::RunContext;
-use crate::program::DatasetRef;
-use crate::tasks::set::{TaskSet, TaskSetSpec};
+use crate::tasks::set::TaskSet;
 use crate::tta::adam::{Adam, AdamConfig, AdamState};
 use crate::tta::loaders::Loaders;
 use crate::tta::sharded::ShardedLoaders;
@@ -93,48 +92,12 @@ pub(crate) fn test_time_tasks(
     models: &[&str],
     method: &str,
 ) -> Result<TaskSet> {
-    let mp = &ctx.program.modelpool;
-    let base = mp
-        .models
-        .iter()
-        .find(|(n, _)| n == "_pretrained_")
-        .map(|(_, m)| m.path.clone())
-        .with_context(|| format!("{method} needs modelpool.models._pretrained_"))?;
-    let processor = mp.processor.as_ref().map(|p| p.path.clone()).unwrap_or_else(|| base.clone());
-    let tests = mp.test_datasets.as_deref().unwrap_or(&[]);
-    let mut tasks = Vec::new();
-    for &m in models {
-        let (_, d) = tests.iter().find(|(n, _)| n == m).with_context(|| {
-            format!(
-                "{method} adapts on each model's test split, and modelpool.test_datasets has no `{}` (it has: {})",
-                m,
-                tests.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
-            )
-        })?;
-        tasks.push((
-            m.to_string(),
-            DatasetRef { id: d.path.clone(), config: d.name.clone(), split: d.split.clone() },
-        ));
-    }
-    let cache_dir = ctx.program.path.cache_dir.as_ref().map(PathBuf::from);
-    let crop_cache = crate::program::crop_cache(ctx.program)?;
-    let spec = TaskSetSpec {
-        base_model: &base,
-        processor: &processor,
-        tasks: &tasks,
-        cache_dir: cache_dir.as_deref(),
-        crop_cache: crop_cache.as_ref(),
-    };
-    let mut set = TaskSet::load(&spec, ctx.hub, tch::Device::Cpu)?;
-    for t in &set.tasks {
-        if t.data.is_empty() {
-            bail!("task `{}`: its test split is empty, and {method} adapts on it", t.name);
-        }
-    }
-    if let Some(cache) = &crop_cache {
-        set.fill_crop_cache(cache)?;
-    }
-    Ok(set)
+    crate::methods::pool_tasks::pool_tasks(
+        ctx,
+        models,
+        crate::methods::pool_tasks::PoolSplit::Test,
+        method,
+    )
 }
 
 /// A fingerprint of what determines the trajectory: λ's shape and start, the optimiser, the
@@ -252,7 +215,19 @@ pub fn adapt(
         seed,
         history: history.clone(),
     }));
-    let _watching = stop_watcher(stop.clone(), latest.clone(), state_file.clone(), c.max_steps);
+    let _watching = {
+        let latest = latest.clone();
+        crate::tta::stop::watch(stop.clone(), state_file.clone(), c.max_steps, move |file| {
+            let state = latest.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(f) = file {
+                write_state(f, &state)?;
+            }
+            let step = state.step;
+            // Held until the process ends: the loop cannot move the state on meanwhile.
+            std::mem::forget(state);
+            Ok(step)
+        })
+    };
     let mut trace = Vec::new();
     // FusionBench's per-step scalars (`train/loss` is the last task's loss), as TensorBoard
     // events and Lightning's metrics.csv in the logger's directory.
@@ -486,61 +461,6 @@ fn resume(
     }
     tracing::info!(step = s.step, file = %file.display(), "resuming test-time adaptation from its checkpoint");
     Ok(Some((s, adam)))
-}
-
-/// Ends the [`stop_watcher`] thread when dropped (the adaptation is over: a later signal is
-/// for whatever runs next, a sweep's next cell or the evaluation).
-struct Watching(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for Watching {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// On a stop signal (`flag`), writes the latest step-boundary state to `file` and exits with
-/// status 143 (`_exit`: libtorch may be mid-computation on other threads, and nothing of this
-/// process needs to run after the checkpoint is on disk). Watches until the returned guard is
-/// dropped.
-fn stop_watcher(
-    flag: Arc<std::sync::atomic::AtomicBool>,
-    latest: Arc<std::sync::Mutex<State>>,
-    file: Option<PathBuf>,
-    max_steps: u64,
-) -> Watching {
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let over = done.clone();
-    std::thread::spawn(move || loop {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        if over.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        if !flag.load(std::sync::atomic::Ordering::SeqCst) {
-            continue;
-        }
-        // Held until the process ends: the loop cannot move the state on meanwhile.
-        let state = latest.lock().unwrap_or_else(|e| e.into_inner());
-        let saved = file.as_deref().map(|f| write_state(f, &state));
-        match saved {
-            Some(Err(e)) => {
-                tracing::error!(error = %format!("{e:#}"), "signal received: the checkpoint could not be written")
-            }
-            Some(Ok(())) => tracing::warn!(
-                step = state.step,
-                of = max_steps,
-                checkpoint = ?file,
-                "signal received: checkpointed; the same command resumes from here"
-            ),
-            None => tracing::warn!(
-                step = state.step,
-                "signal received: stopping (no path.cache_dir, so no checkpoint: a rerun starts afresh)"
-            ),
-        }
-        // SAFETY: `_exit` ends the process without running destructors or atexit handlers;
-        // the checkpoint was written (and synced) above.
-        unsafe { libc::_exit(143) }
-    });
-    Watching(done)
 }
 
 /// `λ.grad` after one step: the tasks' gradients accumulated in task order (float32), as

@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use tch::Tensor;
 
 /// What a checkpoint holds besides the tensors.
@@ -114,6 +115,14 @@ fn save_state(path: &Path, meta: &Meta, params: &[Tensor], adams: &[Adam]) -> Re
     let meta = HashMap::from([("state".to_string(), serde_json::to_string(meta)?)]);
     crate::weights::save_safetensors(&map, path, Some(meta))
         .with_context(|| format!("checkpointing the router training to {}", path.display()))
+}
+
+/// The loop's state at a step boundary: what a checkpoint of it says, the routers, their Adam
+/// states.
+struct Boundary {
+    meta: Meta,
+    params: Vec<Tensor>,
+    adams: Vec<Adam>,
 }
 
 /// A checkpoint's state: what it says, the routers, their Adam states.
@@ -214,7 +223,7 @@ pub fn adapt(
         Some(f) => resume(f, &key, c, &initial)?,
         None => None,
     };
-    let (mut step, mut loaders, mut params, mut adams, mut losses) = match resumed {
+    let (mut step, mut loaders, params, adams, mut losses) = match resumed {
         Some((meta, params, adams)) => {
             tracing::info!(
                 step = meta.step,
@@ -236,7 +245,34 @@ pub fn adapt(
     let method = method_name(c);
     let bar = crate::progress::bar(method, c.max_steps as usize, "steps");
     bar.inc(step);
+    // The state at the last step boundary: the loop moves it on under the lock; on a stop
+    // signal the watcher writes it and ends the process, whatever the step under way.
+    let latest = Arc::new(Mutex::new(Boundary {
+        meta: Meta {
+            run: key.clone(),
+            step,
+            loaders: loaders.clone(),
+            seed,
+            adam_steps: adams.first().map_or(0, Adam::steps),
+            losses: losses.clone(),
+        },
+        params,
+        adams,
+    }));
     let signals = crate::signals::StopSignals::install()?;
+    let watching = {
+        let latest = latest.clone();
+        crate::tta::stop::watch(signals.flag(), state_file.clone(), c.max_steps, move |file| {
+            let b = latest.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(f) = file {
+                save_state(f, &b.meta, &b.params, &b.adams)?;
+            }
+            let step = b.meta.step;
+            // Held until the process ends: the loop cannot move the state on meanwhile.
+            std::mem::forget(b);
+            Ok(step)
+        })
+    };
     let every = std::time::Duration::from_secs_f64(c.checkpoint_every_seconds);
     let job_name = opts.job_id.clone();
     tracing::info!(tasks = ?names, steps = c.max_steps, batch_size = c.batch_size, seed, router_floats = floats, "test-time adaptation");
@@ -250,12 +286,12 @@ pub fn adapt(
             crate::launch::Launch::remember_bound(addr);
             tracing::info!(%addr, job = %job_name, "coordinator listening: workers join with --join")
         },
-        |job| -> Result<(Vec<Tensor>, usize)> {
+        |job| -> Result<usize> {
             let broadcast = |job: &mut fusion_cluster::runtime::Job, step: u64, params: &[Tensor]| -> Result<()> {
                 let state = RouterState { step, values: super::step::flatten(params) };
                 job.broadcast(fusion_cluster::codec::encode(&state)?).context("sending the routers to the workers")
             };
-            broadcast(job, step, &params)?;
+            broadcast(job, step, &latest.lock().unwrap_or_else(|e| e.into_inner()).params)?;
             let mut last_save = std::time::Instant::now();
             let (mut round_seconds, mut compute_seconds) = (0f64, 0f64);
             while step < c.max_steps {
@@ -274,40 +310,35 @@ pub fn adapt(
                     .collect::<std::result::Result<_, _>>()?;
                 let busy = round.summary.per_worker.iter().filter(|(_, n)| *n > 0).count().max(1);
                 compute_seconds += results.iter().map(|r| r.seconds).sum::<f64>() / busy as f64;
-                let grads = unflatten(&fold(&results), &params)?;
-                for ((p, a), g) in params.iter_mut().zip(&mut adams).zip(&grads) {
+                let loss: f64 = results.iter().map(|r| r.loss as f64).sum();
+                let mut guard = latest.lock().unwrap_or_else(|e| e.into_inner());
+                let b = &mut *guard;
+                let grads = unflatten(&fold(&results), &b.params)?;
+                for ((p, a), g) in b.params.iter_mut().zip(&mut b.adams).zip(&grads) {
                     a.step(p, g);
                 }
                 step += 1;
-                let loss: f64 = results.iter().map(|r| r.loss as f64).sum();
                 losses.push(loss);
-                bar.set_message(format!("loss {loss:.4}"));
-                bar.inc(1);
-                tracing::debug!(step, loss, "step");
-                let stop = signals.raised();
-                let due = step % c.checkpoint_every_steps == 0 || last_save.elapsed() >= every || step == c.max_steps || stop;
+                b.meta = Meta {
+                    run: key.clone(),
+                    step,
+                    loaders: loaders.clone(),
+                    seed,
+                    adam_steps: b.adams.first().map_or(0, Adam::steps),
+                    losses: losses.clone(),
+                };
+                let due = step % c.checkpoint_every_steps == 0 || last_save.elapsed() >= every || step == c.max_steps;
                 if let (Some(file), true) = (&state_file, due) {
-                    let meta = Meta {
-                        run: key.clone(),
-                        step,
-                        loaders: loaders.clone(),
-                        seed,
-                        adam_steps: adams.first().map_or(0, Adam::steps),
-                        losses: losses.clone(),
-                    };
-                    save_state(file, &meta, &params, &adams)?;
+                    save_state(file, &b.meta, &b.params, &b.adams)?;
                     last_save = std::time::Instant::now();
-                }
-                if stop {
-                    match &state_file {
-                        Some(f) => tracing::warn!(step, of = c.max_steps, checkpoint = %f.display(), "signal received: checkpointed; the same command resumes from here"),
-                        None => tracing::warn!(step, "signal received: stopping (no path.cache_dir, so no checkpoint: a rerun starts afresh)"),
-                    }
-                    std::process::exit(143);
                 }
                 // After the last step too: the workers keep the trained routers and go on to
                 // evaluate the trained model.
-                broadcast(job, step, &params)?;
+                broadcast(job, step, &b.params)?;
+                drop(guard);
+                bar.set_message(format!("loss {loss:.4}"));
+                bar.inc(1);
+                tracing::debug!(step, loss, "step");
             }
             let done = (step - first).max(1) as f64;
             tracing::info!(
@@ -321,12 +352,14 @@ pub fn adapt(
             );
             // Every worker joined now but this process's own executor.
             let remote = job.workers().len().saturating_sub(1);
-            Ok((params, remote))
+            Ok(remote)
         },
     )
     .context("test-time adaptation")?;
-    let (params, remote) = outcome?;
+    let remote = outcome?;
+    drop(watching);
     drop(signals);
+    let params = std::mem::take(&mut latest.lock().unwrap_or_else(|e| e.into_inner()).params);
     bar.finish_and_clear();
     tracing::info!(rounds = summary.rounds.len(), workers = ?summary.per_worker, lost = summary.lost.len(), "test-time adaptation done");
     Ok((with_routers(map, &params, c.shared_gate), remote))

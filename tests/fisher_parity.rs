@@ -1,0 +1,181 @@
+//! Fisher merging against FusionBench 0.2.33's own runs on the bundled fixtures
+//! (`tests/fixtures/golden/fusionbench_fisher/`, made by
+//! `scripts/fixtures/golden_fusionbench_fisher.sh` on the machine its `machine.json` names): the
+//! seed's command line with the defaults, with a smaller batch and example count, and with the
+//! merge's switches changed and parameters excluded. Each model's Fisher (cached by us under
+//! `path.cache_dir/fisher/`, recorded from FusionBench by `fb_fisher_hooks.py`) agrees tensor by
+//! tensor within 1e-5 relative, the merged model within 1e-5 relative, the report as FusionBench's
+//! (accuracies equal, losses within 2⁻¹⁶). A rerun reuses the cached statistics, also for other
+//! merge settings; bad settings are refused naming the key.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+mod common;
+
+/// Relative tolerance of a Fisher or merged tensor against FusionBench's: max|ours − theirs| over
+/// max|theirs| (BLAS may differ in the last bits between CPUs).
+const REL_TOL: f64 = 1e-5;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn golden() -> PathBuf {
+    root().join("tests/fixtures/golden/fusionbench_fisher")
+}
+
+const TASKS: [&str; 8] =
+    ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"];
+
+/// Our run of the seed's Fisher line plus `extra`, in `dir` (cache, merged model, report).
+fn run(dir: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
+        .args([
+            "method=fisher_merging/clip_fisher_merging",
+            "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8",
+            "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
+            "fabric.accelerator=cpu",
+            "print_config=false",
+        ])
+        .args(extra)
+        .arg(format!("path.cache_dir={}", dir.join("cache").display()))
+        .arg(format!("merged_model_save_path={}", dir.join("merged").display()))
+        .arg(format!("report_save_path={}", dir.join("report.json").display()))
+        .env("HF_HOME", root().join("tests/fixtures/hf_home"))
+        .env("RUST_LOG", "info")
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// Every tensor of `golden` (by name) against the same tensor of `ours`, within [`REL_TOL`].
+fn assert_close(ours: &Path, golden: &Path) -> usize {
+    let (ob, gb) = (std::fs::read(ours).unwrap(), std::fs::read(golden).unwrap());
+    let o = safetensors::SafeTensors::deserialize(&ob).unwrap();
+    let g = safetensors::SafeTensors::deserialize(&gb).unwrap();
+    let floats = |d: &[u8]| -> Vec<f64> {
+        d.chunks_exact(4).map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]) as f64).collect()
+    };
+    let names = g.names();
+    assert!(!names.is_empty(), "{} holds no tensor", golden.display());
+    for name in &names {
+        let b = g.tensor(name).unwrap();
+        let a = o.tensor(name).unwrap_or_else(|_| panic!("{} has no `{name}`", ours.display()));
+        assert_eq!(a.shape(), b.shape(), "`{name}`: shape");
+        let (x, y) = (floats(a.data()), floats(b.data()));
+        let scale = y.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = x.iter().zip(&y).fold(0f64, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            diff <= REL_TOL * scale,
+            "`{name}` of {}: max|diff| {diff:e} against max|FusionBench| {scale:e}",
+            ours.display()
+        );
+    }
+    names.len()
+}
+
+/// Our cached Fisher of `model` in `dir`.
+fn cached_fisher(dir: &Path, model: &str) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dir.join("cache/fisher"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().to_string();
+            n.starts_with(&format!("{model}-")) && n.ends_with(".safetensors")
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one cached Fisher of `{model}`: {found:?}");
+    found[0].clone()
+}
+
+fn check(run_name: &str, extra: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(dir.path(), extra);
+    assert!(out.status.success(), "{run_name}: {}", String::from_utf8_lossy(&out.stderr));
+    let g = golden().join(run_name);
+    for task in TASKS {
+        let n = assert_close(
+            &cached_fisher(dir.path(), task),
+            &g.join(format!("fisher_{task}.safetensors")),
+        );
+        assert!(n > 0);
+    }
+    assert_close(&dir.path().join("merged/model.safetensors"), &g.join("model.safetensors"));
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    common::assert_same_report(
+        &read(&dir.path().join("report.json")),
+        &read(&golden().join(format!("{run_name}.report.json"))),
+    );
+    dir
+}
+
+#[test]
+fn the_seeds_fisher_line_gives_fusionbenchs_fishers_model_and_report() {
+    let dir = check("default", &[]);
+    // A rerun and a run with other merge settings reuse every model's statistics.
+    let first = std::fs::read(dir.path().join("merged/model.safetensors")).unwrap();
+    for extra in [&[][..], &["method.minimal_fisher_weight=1e-4"][..]] {
+        let out = run(dir.path(), extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert_eq!(err.matches("Fisher reused from the cache").count(), 8, "{extra:?}: {err}");
+        assert!(!err.contains("Fisher computed"), "{extra:?}: recomputed: {err}");
+        let again = std::fs::read(dir.path().join("merged/model.safetensors")).unwrap();
+        assert_eq!(
+            extra.is_empty(),
+            again == first,
+            "{extra:?}: the merge changes with its settings only"
+        );
+    }
+}
+
+#[test]
+fn smaller_batches_stop_where_fusionbench_stops() {
+    // 40 examples in batches of 16: the stop test comes before each batch, so 48 images.
+    let dir = check(
+        "bs16_n40",
+        &["method.dataloader_kwargs.batch_size=16", "method.num_fisher_examples=40"],
+    );
+    let file = cached_fisher(dir.path(), "dtd");
+    let bytes = std::fs::read(&file).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        meta.metadata().as_ref().and_then(|m| m.get("images")).map(String::as_str),
+        Some("48")
+    );
+}
+
+#[test]
+fn excluded_parameters_stay_pretrained_and_the_merge_switches_match() {
+    check(
+        "exclude",
+        &[
+            "method.normalize_fisher_weight=false",
+            "method.minimal_fisher_weight=1e-4",
+            "method.exclude_param_names_regex=['.*layer_norm.*','vision_model.embeddings.*']",
+        ],
+    );
+}
+
+#[test]
+fn bad_settings_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, named) in [
+        ("method.num_fisher_examples=0", "method.num_fisher_examples"),
+        ("method.dataloader_kwargs.batch_size=0", "method.dataloader_kwargs.batch_size"),
+        ("method.minimal_fisher_weight=-1", "method.minimal_fisher_weight"),
+        ("method.exclude_param_names_regex=['(unclosed']", "method.exclude_param_names_regex"),
+        ("~modelpool.train_datasets", "modelpool.train_datasets"),
+    ] {
+        let out = run(dir.path(), &[extra]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra} was accepted");
+        assert!(err.contains(named), "{extra}: the error names `{named}`:\n{err}");
+        assert!(!err.contains("panicked"), "{extra}: a panic:\n{err}");
+        assert!(!dir.path().join("report.json").exists());
+    }
+}
