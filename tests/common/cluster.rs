@@ -70,24 +70,28 @@ pub fn assert_worker_succeeded(w: &mut Child, i: usize, dir: &Path) {
     assert!(s.success(), "worker {i}: {s}\n{log}");
 }
 
-/// The items a worker's log says it computed: in the test-time adaptation (`adapting`) or in the
-/// evaluation after it (the `items=` of its "worker done" line of that phase).
-pub fn worker_items(log: &str, adapting: bool) -> Option<u64> {
+/// The log line a worker ends its evaluation job with.
+pub const EVALUATION: &str = "fusion_bench::program: worker done";
+/// The log line a worker ends a test-time adaptation job with.
+pub const ADAPTATION: &str = "test-time adaptation: worker done";
+/// The log line a worker ends a Fisher statistics job with.
+pub const FISHER: &str = "Fisher statistics: worker done";
+
+/// The items a worker's log says it computed in the job that ends with the line `done` (the
+/// `items=` of that line).
+pub fn worker_items(log: &str, done: &str) -> Option<u64> {
     log.lines()
-        .filter(|l| l.contains("worker done") && l.contains("test-time adaptation") == adapting)
+        .filter(|l| l.contains(done))
         .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("items=")))
         .and_then(|n| n.parse::<u64>().ok())
 }
 
-/// Asserts that the worker whose log is `dir/stderr.log` computed items of the evaluation of the
-/// adaptation's result (it got the result as the adaptation's last broadcast) and, when
-/// `check_adaptation`, of the adaptation too (in a run where another worker was killed the
-/// survivor may have been given none).
-pub fn assert_worker_adapted_and_evaluated(dir: &Path, check_adaptation: bool) {
+/// Asserts that the worker whose log is `dir/stderr.log` computed items of every job of `jobs`
+/// (their ending lines, [`EVALUATION`], [`ADAPTATION`], [`FISHER`]).
+pub fn assert_worker_computed(dir: &Path, jobs: &[&str]) {
     let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
-    let (a, e) = (worker_items(&log, true), worker_items(&log, false));
-    if check_adaptation {
-        assert!(a.is_some_and(|n| n > 0), "{}: adaptation items {a:?}:\n{log}", dir.display());
+    for job in jobs {
+        let n = worker_items(&log, job);
+        assert!(n.is_some_and(|n| n > 0), "{}: `{job}` items {n:?}:\n{log}", dir.display());
     }
-    assert!(e.is_some_and(|n| n > 0), "{}: evaluation items {e:?}:\n{log}", dir.display());
 }

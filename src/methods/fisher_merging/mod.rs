@@ -1,0 +1,220 @@
+//! `method=fisher_merging/clip_fisher_merging` (FusionBench's `FisherMergingForCLIPVisionModel`,
+//! Matena & Raffel 2022, <https://arxiv.org/abs/2111.09832>): each parameter is the average of
+//! the fine-tuned models' values weighted by their diagonal Fisher information.
+//!
+//! The Fisher of model `i` (FusionBench's `get_fisher_weights`): its task's training split in
+//! dataset order, in batches of `dataloader_kwargs.batch_size`, until `num_fisher_examples`
+//! images were seen (checked before each batch); per batch, the gradient of
+//! `Σ_b Σ_c √p[b,c]·log p[b,c]` (`p` the zero-shot softmax, detached) with respect to every
+//! parameter, squared; the batches' squares summed in batch order and divided by the images
+//! seen. The merge (`merging_with_fisher_weights`), per parameter `k`:
+//! `θ[k] = Σᵢ cᵢ (Fᵢ[k] + ε) θᵢ[k] / Σᵢ cᵢ (Fᵢ[k] + ε)` with `cᵢ = 1/T`, times, with
+//! `normalize_fisher_weight`, `(1/(‖Fᵢ‖ + ε)) / Σⱼ 1/(‖Fⱼ‖ + ε)` (`‖Fᵢ‖` the L2 norm over all of
+//! model `i`'s Fisher values, `ε = minimal_fisher_weight`). Parameters matched by
+//! `exclude_param_names_regex` (Python's `re.match`: anchored at the start) keep the pretrained
+//! values. Every float32 operation is libtorch's, in FusionBench's order.
+//!
+//! The statistics ([`statistics`]) are cached per model under `path.cache_dir/fisher/`; on a
+//! cluster they are computed one model per work item ([`cluster`]).
+
+mod cluster;
+mod statistics;
+
+use super::pool_tasks::{pool_tasks, PoolSplit};
+use super::{Checkpoint, Merged, Method, RunContext};
+use crate::config::MethodConfig;
+use anyhow::{bail, Context, Result};
+use statistics::Statistics;
+use std::collections::HashMap;
+use tch::{Kind, Tensor};
+
+/// Fisher merging, configured.
+pub struct FisherMerging {
+    exclude: Vec<fancy_regex::Regex>,
+    normalize: bool,
+    minimal: f64,
+    statistics: Statistics,
+}
+
+impl FisherMerging {
+    /// Reads `method.*` (FusionBench 0.2.33's `clip_fisher_merging.yaml`, every key).
+    pub fn from_config(cfg: &MethodConfig) -> Result<Self> {
+        let s = &cfg.section;
+        crate::config::warn_unknown_keys(
+            s,
+            &[
+                "_target_",
+                "name",
+                "exclude_param_names_regex",
+                "normalize_fisher_weight",
+                "minimal_fisher_weight",
+                "num_fisher_examples",
+                "dataloader_kwargs",
+            ],
+        );
+        let patterns = s.get::<Vec<String>>("exclude_param_names_regex")?.unwrap_or_default();
+        let exclude = patterns
+            .iter()
+            .map(|p| {
+                fancy_regex::Regex::new(&format!("^(?:{p})")).with_context(|| {
+                    format!("method.exclude_param_names_regex: `{p}` is not a regular expression")
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let minimal = s.get::<f64>("minimal_fisher_weight")?.unwrap_or(1e-6);
+        if !(minimal.is_finite() && minimal >= 0.0) {
+            bail!("method.minimal_fisher_weight must be a finite number ≥ 0, got {minimal}");
+        }
+        let examples = match s.get::<i64>("num_fisher_examples")?.unwrap_or(256) {
+            n if n >= 1 => n as usize,
+            n => bail!("method.num_fisher_examples must be at least 1, got {n}"),
+        };
+        let batch_size = match s.get::<i64>("dataloader_kwargs.batch_size")?.unwrap_or(32) {
+            n if n >= 1 => n as usize,
+            n => bail!("method.dataloader_kwargs.batch_size must be at least 1, got {n}"),
+        };
+        // `dataloader_kwargs.num_workers` is accepted: the images come from the decoded cache.
+        Ok(Self {
+            exclude,
+            normalize: s.get::<bool>("normalize_fisher_weight")?.unwrap_or(true),
+            minimal,
+            statistics: Statistics { examples, batch_size },
+        })
+    }
+
+    fn excluded(&self, name: &str) -> bool {
+        self.exclude.iter().any(|r| r.is_match(name).unwrap_or(false))
+    }
+}
+
+impl Method for FisherMerging {
+    fn run(&self, ctx: &RunContext<'_>) -> Result<Merged> {
+        let pool = ctx.pool;
+        let base = pool.pretrained()?;
+        let models = pool.task_models()?;
+        if models.is_empty() {
+            bail!("fisher_merging: the model pool has no fine-tuned models");
+        }
+        let all = pool.parameter_names().to_vec();
+        let names: Vec<&str> =
+            all.iter().map(String::as_str).filter(|n| !self.excluded(n)).collect();
+        let model_names: Vec<&str> = models.iter().map(Checkpoint::name).collect();
+        let set = pool_tasks(ctx, &model_names, PoolSplit::Train, "fisher_merging")?;
+        let cache_dir = ctx.program.path.cache_dir.as_ref().map(std::path::PathBuf::from);
+        let files: Vec<Option<std::path::PathBuf>> = models
+            .iter()
+            .enumerate()
+            .map(|(t, m)| {
+                cache_dir.as_deref().and_then(|d| self.statistics.cache_file(d, &set, t, m))
+            })
+            .collect();
+        // On a cluster the statistics are a job of one item per model, computed into the
+        // shared cache; every process then reads them from there.
+        let distributed = ctx.launch.serve.is_some() || ctx.launch.join.is_some();
+        let rejoin = if distributed {
+            let files = files.iter().cloned().collect::<Option<Vec<_>>>().context(
+                "the Fisher statistics on a cluster go through path.cache_dir (on a filesystem every process shares), and it is not set or a checkpoint folder is unreadable",
+            )?;
+            let executor = cluster::FisherExecutor::new(
+                self.statistics,
+                set.replicate(tch::Device::Cpu)?,
+                pool.task_models()?,
+                all.clone(),
+                pool.config().clone(),
+                files,
+            );
+            let remote = cluster::compute(ctx, executor)?;
+            Some(if ctx.launch.join.is_some() { 0 } else { remote })
+        } else {
+            None
+        };
+        let mut fishers = Vec::with_capacity(models.len());
+        for (t, m) in models.iter().enumerate() {
+            let file = files[t].as_deref();
+            let all_tensors = if distributed {
+                let file = file.context("a cache file")?;
+                statistics::read_cached(file, &all)?.with_context(|| {
+                    format!(
+                        "model `{}`: its Fisher, computed on the cluster, is not in {} (is path.cache_dir on a filesystem every process shares?)",
+                        m.name(),
+                        file.display()
+                    )
+                })?
+            } else {
+                self.statistics.fisher_of(&set, t, m, &all, pool.config(), file)?.0
+            };
+            // Only the tensors to merge enter the merge (and the norms that weight it).
+            let mut by_name: HashMap<&str, Tensor> =
+                all.iter().map(String::as_str).zip(all_tensors).collect();
+            fishers.push(
+                names
+                    .iter()
+                    .map(|n| by_name.remove(n).context("a Fisher tensor"))
+                    .collect::<Result<Vec<_>>>()?,
+            );
+        }
+        let _guard = tch::no_grad_guard();
+        let coefficients = self.coefficients(&fishers)?;
+        let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+        let weights = pool.merge_per_tensor(|name, _| match index.get(name) {
+            None => base.get(name),
+            Some(&k) => {
+                let values =
+                    models.iter().map(|m| m.get(name)).collect::<Result<Vec<_>>>()?;
+                let shaped = coefficients.reshape(broadcast_shape(values[0].dim()));
+                let f = Tensor::stack(&fishers.iter().map(|f| &f[k]).collect::<Vec<_>>(), 0)
+                    + self.minimal;
+                let p = Tensor::stack(&values, 0);
+                let numerator = (&shaped * &f * &p).sum_dim_intlist([0i64].as_slice(), false, None::<Kind>);
+                let denominator = (&shaped * &f).sum_dim_intlist([0i64].as_slice(), false, None::<Kind>);
+                let merged = numerator / denominator;
+                if merged.isfinite().all().int64_value(&[]) == 0 {
+                    bail!("fisher_merging: `{name}` is not finite after merging (a Fisher of 0 with minimal_fisher_weight=0?)");
+                }
+                Ok(merged)
+            }
+        })?;
+        Ok(Merged {
+            weights,
+            trainable: true,
+            workers_done: false,
+            params: None,
+            options: Default::default(),
+            rejoin,
+        })
+    }
+}
+
+impl FisherMerging {
+    /// `[T]`: `1/T`, times each model's normalised inverse Fisher norm when
+    /// `normalize_fisher_weight`.
+    fn coefficients(&self, fishers: &[Vec<Tensor>]) -> Result<Tensor> {
+        let t = fishers.len() as i64;
+        let uniform = Tensor::ones([t], (Kind::Float, tch::Device::Cpu)) / t;
+        if !self.normalize {
+            return Ok(uniform);
+        }
+        // FusionBench's `get_models_fisher_norm`: per tensor the [T] norms over its elements,
+        // stacked [T, P], then the norm over tensors (`torch.linalg.vector_norm` and
+        // `torch.norm(dim=1)`; ATen's `norm` is `linalg_vector_norm`).
+        let per_tensor: Vec<Tensor> = (0..fishers[0].len())
+            .map(|k| {
+                let stacked = Tensor::stack(&fishers.iter().map(|f| &f[k]).collect::<Vec<_>>(), 0);
+                let dims: Vec<i64> = (1..stacked.dim() as i64).collect();
+                stacked.norm_scalaropt_dim(2.0, dims.as_slice(), false)
+            })
+            .collect();
+        let norms = Tensor::stack(&per_tensor, 1).norm_scalaropt_dim(2.0, [1i64].as_slice(), false);
+        // `1.0 / (norm + ε)` is torch's `reciprocal() * 1.0`.
+        let inverse = (norms + self.minimal).reciprocal();
+        let normalised = &inverse / inverse.sum(None::<Kind>);
+        Ok(uniform * normalised)
+    }
+}
+
+/// `[-1, 1, …, 1]` with `dim` entries: the `[T]` coefficients against stacked `[T, …]` tensors.
+fn broadcast_shape(dim: usize) -> Vec<i64> {
+    let mut shape = vec![1i64; dim + 1];
+    shape[0] = -1;
+    shape
+}
