@@ -5,6 +5,13 @@
 //!    cuDNN may run the patch convolution in TF32 (torch's default), so bit equality is not
 //!    expected.
 //! 2. Forward throughput (images/s) at batch 128, fp32 and bf16, for both shapes.
+//! 3. A test-time adaptation step's forward and backward passes at both sizes (eight task
+//!    batches: 16 images at B/32, 4 at L/14 as in the seed's L/14 recipe), gradients to every
+//!    parameter: the dominant cost of an AdaMerging or WE-MoE step. FusionBench's own profile of
+//!    layer-wise AdaMerging at B/32 on one GPU: 0.72 s per step, 0.61 s of it these passes.
+//!
+//! `GPU_CHECK_STEP_ON_CPU=1` times part 3 at B/32 on the CPU instead (to try the code path on a
+//! machine without a GPU).
 
 use fusion_bench::models::clip::{vision, ClipVision, VisionConfig};
 use fusion_bench::weights::{Scope, WeightMap};
@@ -43,9 +50,52 @@ fn load(map: &WeightMap, c: &VisionConfig, device: Device, kind: Kind) -> ClipVi
     ClipVision::load(&Scope::new(map, device, kind).pp("vision_model"), c).expect("weights match")
 }
 
+/// Seconds of one adaptation step's forward and backward passes: `tasks` batches of `batch`
+/// images, each through the tower and back to every parameter (mean of 3 steps after one warm-up).
+fn step_seconds(
+    map: &WeightMap,
+    c: &VisionConfig,
+    device: Device,
+    tasks: usize,
+    batch: i64,
+) -> f64 {
+    tch::with_grad(|| {
+        let mut leaves = WeightMap::new();
+        for (name, t) in map.iter() {
+            leaves.insert(name, t.to_device(device).set_requires_grad(true));
+        }
+        let model = load(&leaves, c, device, Kind::Float);
+        let inputs: Vec<&Tensor> = leaves.iter().map(|(_, t)| t).collect();
+        tch::manual_seed(2);
+        let x = Tensor::randn([batch, 3, 224, 224], (Kind::Float, device));
+        let step = || {
+            for _ in 0..tasks {
+                let loss = model.forward(&x).square().mean(None::<Kind>);
+                let grads = Tensor::run_backward(&[&loss], &inputs, false, false);
+                assert_eq!(grads.len(), inputs.len());
+            }
+            if let Device::Cuda(i) = device {
+                tch::Cuda::synchronize(i as i64);
+            }
+        };
+        step();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            step();
+        }
+        t0.elapsed().as_secs_f64() / 3.0
+    })
+}
+
 fn main() {
     let _g = tch::no_grad_guard();
     println!("torch threads: {}", tch::get_num_threads());
+    if !tch::Cuda::is_available() && std::env::var_os("GPU_CHECK_STEP_ON_CPU").is_some() {
+        let c = shape_config("B/32");
+        let s = step_seconds(&random_weights(&c), &c, Device::Cpu, 2, 4);
+        println!("adaptation step B/32 on the CPU (2 × batch 4, forward + backward): {s:.3} s");
+        return;
+    }
     if !tch::Cuda::is_available() {
         println!(
             "no CUDA device visible to libtorch: nothing to check (this is fine on CPU machines)"
@@ -93,6 +143,12 @@ fn main() {
                 128.0 * iters as f64 / secs
             );
         }
+        let batch = if name == "B/32" { 16 } else { 4 };
+        let s = step_seconds(&map, &c, gpu, 8, batch);
+        println!(
+            "adaptation step {name} (8 × batch {batch}, forward + backward to every parameter): {s:.3} s \
+             (FusionBench, layer-wise AdaMerging at B/32 on one GPU: 0.72 s per step, 0.61 s of it these passes)"
+        );
     }
     if !ok {
         std::process::exit(1);

@@ -10,7 +10,11 @@
 #   2. nccl_check: NCCL through collectives::nccl (error paths, world-1 identity, latency, one
 #      process per GPU);
 #   3. the fixture evaluation (scripts/demo.sh's job) with fabric.accelerator=cuda and =cpu, and
-#      the largest difference between the two reports.
+#      the largest difference between the two reports;
+#   4. that evaluation as a coordinator and two GPU workers (QUIC on loopback);
+#   5. test-time adaptation on the fixtures (AdaMerging layer-wise, WE-MoE), cuda vs cpu: each
+#      side's seconds per step and the difference of the learned λ and routers. gpu_check (1.)
+#      also times a B/32- and L/14-size adaptation step's forward and backward passes.
 # Each part prints PASS/FAIL; the script's status is non-zero if any part failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,5 +89,38 @@ else
     echo "distributed GPU evaluation: FAIL"; tail -5 "$out/dist.log"; status=1
 fi
 wait
+echo "== 5. test-time adaptation on the GPU (fixtures, seed 42, 20 steps): cuda vs cpu"
+# AdaMerging layer-wise (λ file) and dense WE-MoE (trained model), each side's seconds per step
+# from its own log line, and the largest difference between the two sides' results.
+tta_common=(modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8 taskpool=dummy seed=42
+    method.max_steps=20 print_config=false)
+for acc in cuda cpu; do
+    mkdir -p "$out/tta/$acc"
+    RUST_LOG=info "$bin"/fusion_bench method=adamerging/clip method.name=clip_layer_wise_adamerging \
+        "${tta_common[@]}" fabric.accelerator=$acc "path.cache_dir=$out/tta/$acc/cache" \
+        "method.save_merging_weights=$out/tta/$acc/lambda.pt" "path.log_dir=$out/tta/$acc/logs" \
+        >"$out/tta/$acc/adamerging.log" 2>&1 || { status=1; tail -5 "$out/tta/$acc/adamerging.log"; }
+    RUST_LOG=info "$bin"/fusion_bench method=wemoe/weight_ensembling_moe \
+        method.name=clip_weight_ensembling_moe method.use_grad_accumulate=false \
+        "${tta_common[@]}" fabric.accelerator=$acc "path.cache_dir=$out/tta/$acc/cache" \
+        "method.save_checkpoint=$out/tta/$acc/wemoe.ckpt" \
+        >"$out/tta/$acc/wemoe.log" 2>&1 || { status=1; tail -5 "$out/tta/$acc/wemoe.log"; }
+    for m in adamerging wemoe; do
+        echo "$m $acc: $(grep -o 'seconds_per_step=[0-9.e-]*' "$out/tta/$acc/$m.log" | tail -1)"
+    done
+done
+"$py" - "$out/tta" <<'EOF' || status=1
+import sys, torch
+d = sys.argv[1]
+a, b = (torch.load(f"{d}/{k}/lambda.pt", weights_only=True) for k in ("cuda", "cpu"))
+lam = (a - b).abs().max().item()
+ra, rb = ({k: v for k, v in torch.load(f"{d}/{s}/wemoe.ckpt", weights_only=True, mmap=True)["model"].items()
+           if ".mlp.gate." in k} for s in ("cuda", "cpu"))
+rel = max(((ra[k] - rb[k]).abs().max() / rb[k].abs().max().clamp_min(1e-30)).item() for k in rb)
+ok = lam < 1e-3 and rel < 1e-3 and ra.keys() == rb.keys()
+print(f"AdaMerging λ cuda vs cpu: max |diff| {lam:.3e}; WE-MoE routers: max relative diff {rel:.3e}")
+print("test-time adaptation parity:", "PASS" if ok else "FAIL")
+sys.exit(0 if ok else 1)
+EOF
 echo "gpu-check status: $status"
 exit $status
