@@ -198,7 +198,10 @@ impl Method for AdaMerging {
         // `rejoin`: after a training on the cluster, the workers that go on to evaluate.
         let (lambda, rejoin) = match &c.weights {
             Some(spec) => {
-                let lambda = load_weights(spec, &shape)?;
+                let lambda = load_weights(spec, &shape).map_err(|e| match spec {
+                    WeightsSpec::File(p) if !p.exists() => missing_weights(e, p, ctx.program),
+                    _ => e,
+                })?;
                 tracing::info!(shape = ?shape, "method.weights given: test-time adaptation skipped");
                 (lambda, None)
             }
@@ -280,6 +283,64 @@ pub fn load_weights(spec: &WeightsSpec, shape: &[usize]) -> Result<Vec<f32>> {
         bail!("{origin}: merging weight #{i} is {} (not finite)", values[i]);
     }
     Ok(values)
+}
+
+/// `method.weights` names a file that is not there. FusionBench's layer-wise AdaMerging saves
+/// `save_merging_weights` (a path not starting with `/` or `.`) under its log directory, so the
+/// seed's two-stage L/14 recipe reads, relative to the working directory, a file its first stage
+/// wrote elsewhere (in FusionBench too). The error names the files under `path.output_dir` whose
+/// path ends with the one given, newest first.
+fn missing_weights(
+    e: anyhow::Error,
+    p: &Path,
+    program: &crate::config::ProgramConfig,
+) -> anyhow::Error {
+    if p.is_absolute() {
+        return e;
+    }
+    let root = PathBuf::from(program.path.output_dir.as_deref().unwrap_or("outputs"));
+    let mut found = Vec::new();
+    let mut budget = 100_000usize;
+    find_ending_with(&root, p, 8, &mut budget, &mut found);
+    found.sort_by_key(|f| std::cmp::Reverse(std::fs::metadata(f).and_then(|m| m.modified()).ok()));
+    match found.first() {
+        None => e,
+        Some(newest) => e.context(format!(
+            "method.weights={}: no such file. A layer-wise AdaMerging run saves \
+             method.save_merging_weights under its logger's directory when the path does not start \
+             with `/` or `.` (as FusionBench does); it wrote: {} (the newest of {} such file(s) under \
+             {}). Pass that path, or save with a path starting with `./`",
+            p.display(),
+            newest.display(),
+            found.len(),
+            root.display()
+        )),
+    }
+}
+
+/// Files under `dir` (at most `depth` folders down, at most `budget` entries looked at, links
+/// not followed) whose path ends with `tail`.
+fn find_ending_with(
+    dir: &Path,
+    tail: &Path,
+    depth: usize,
+    budget: &mut usize,
+    found: &mut Vec<PathBuf>,
+) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        let Ok(kind) = e.file_type() else { continue };
+        let path = e.path();
+        if kind.is_dir() && depth > 0 {
+            find_ending_with(&path, tail, depth - 1, budget, found);
+        } else if kind.is_file() && path.ends_with(tail) {
+            found.push(path);
+        }
+    }
 }
 
 /// Writes λ as `torch.save` would (a float32 tensor `torch.load(weights_only=True)` reads),
