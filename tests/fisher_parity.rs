@@ -51,28 +51,7 @@ fn run(dir: &Path, extra: &[&str]) -> Output {
 
 /// Every tensor of `golden` (by name) against the same tensor of `ours`, within [`REL_TOL`].
 fn assert_close(ours: &Path, golden: &Path) -> usize {
-    let (ob, gb) = (std::fs::read(ours).unwrap(), std::fs::read(golden).unwrap());
-    let o = safetensors::SafeTensors::deserialize(&ob).unwrap();
-    let g = safetensors::SafeTensors::deserialize(&gb).unwrap();
-    let floats = |d: &[u8]| -> Vec<f64> {
-        d.chunks_exact(4).map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]) as f64).collect()
-    };
-    let names = g.names();
-    assert!(!names.is_empty(), "{} holds no tensor", golden.display());
-    for name in &names {
-        let b = g.tensor(name).unwrap();
-        let a = o.tensor(name).unwrap_or_else(|_| panic!("{} has no `{name}`", ours.display()));
-        assert_eq!(a.shape(), b.shape(), "`{name}`: shape");
-        let (x, y) = (floats(a.data()), floats(b.data()));
-        let scale = y.iter().fold(0f64, |m, v| m.max(v.abs()));
-        let diff = x.iter().zip(&y).fold(0f64, |m, (p, q)| m.max((p - q).abs()));
-        assert!(
-            diff <= REL_TOL * scale,
-            "`{name}` of {}: max|diff| {diff:e} against max|FusionBench| {scale:e}",
-            ours.display()
-        );
-    }
-    names.len()
+    common::assert_close_safetensors(ours, golden, REL_TOL, &|n| n.to_string())
 }
 
 /// Our cached Fisher of `model` in `dir`.
@@ -186,84 +165,9 @@ fn bad_settings_are_refused_naming_the_key() {
 /// are the single process's, byte for byte.
 #[test]
 fn three_processes_share_out_the_models_and_give_the_single_process_result() {
-    use common::cluster::{
-        assert_worker_computed, assert_worker_succeeded, spawn_worker, Coordinator, EVALUATION,
-        FISHER,
-    };
-    // Every process at the same intra-op thread count (libtorch's reductions split by thread).
-    let command = |dir: &Path, extra: &[String]| {
-        let job = dir.join("job").display().to_string();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_fusion_bench"));
-        c.args([
-            "method=fisher_merging/clip_fisher_merging",
-            "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8",
-            "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
-            "fabric.accelerator=cpu",
-            "print_config=false",
-        ])
-        .arg(format!("path.cache_dir={}", dir.join("cache").display()))
-        .args(extra)
-        .args(["--job-dir", &job])
-        .env("HF_HOME", root().join("tests/fixtures/hf_home"))
-        .env("FUSION_BENCH_FAST_TIMEOUTS", "1")
-        .env("OMP_NUM_THREADS", "1")
-        .current_dir(dir);
-        c
-    };
-    let outputs = |dir: &Path| -> Vec<String> {
-        vec![
-            format!("merged_model_save_path={}", dir.join("merged").display()),
-            format!("report_save_path={}", dir.join("report.json").display()),
-        ]
-    };
-    let single = tempfile::tempdir().unwrap();
-    let out = command(single.path(), &outputs(single.path())).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let model = std::fs::read(single.path().join("merged/model.safetensors")).unwrap();
-    let report = std::fs::read(single.path().join("report.json")).unwrap();
-    for kill in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut serve = outputs(dir.path());
-        serve.extend(
-            ["--serve", "127.0.0.1:0", "--min-workers", "2", "--wait", "60"].map(String::from),
-        );
-        let (coord, addr) = Coordinator::spawn(command(dir.path(), &serve));
-        let mut workers: Vec<_> = (0..2)
-            .map(|i| {
-                let wdir = dir.path().join(format!("w{i}"));
-                let extra =
-                    ["--join".to_string(), addr.clone(), "--node-name".into(), format!("w{i}")];
-                spawn_worker(command(dir.path(), &extra), &wdir)
-            })
-            .collect();
-        if kill {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-            while std::fs::read_dir(dir.path().join("cache/fisher"))
-                .map_or(true, |mut d| d.next().is_none())
-            {
-                assert!(std::time::Instant::now() < deadline, "no Fisher reached the cache");
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            workers[0].kill().unwrap();
-        }
-        coord.wait_success();
-        for (i, w) in workers.iter_mut().enumerate().skip(kill as usize) {
-            let wdir = dir.path().join(format!("w{i}"));
-            assert_worker_succeeded(w, i, &wdir);
-            // Each worker joined the statistics job (a survivor may have had no model to
-            // compute) and then the evaluation.
-            let log = std::fs::read_to_string(wdir.join("stderr.log")).unwrap_or_default();
-            assert!(log.contains(FISHER), "worker {i}:\n{log}");
-            assert_worker_computed(&wdir, &[EVALUATION]);
-        }
-        assert!(
-            std::fs::read(dir.path().join("merged/model.safetensors")).unwrap() == model,
-            "kill={kill}: the merged model differs from the single process's"
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&std::fs::read(dir.path().join("report.json")).unwrap()),
-            String::from_utf8_lossy(&report),
-            "kill={kill}: the report"
-        );
-    }
+    common::cluster::assert_statistics_job_gives_the_single_process_result(
+        &["method=fisher_merging/clip_fisher_merging"],
+        "fisher",
+        common::cluster::FISHER,
+    );
 }

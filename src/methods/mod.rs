@@ -9,8 +9,10 @@ pub mod adamerging;
 mod aten_sum;
 mod dummy;
 mod fisher_merging;
+pub(crate) mod model_statistics;
 mod pool;
 pub(crate) mod pool_tasks;
+mod regmean;
 mod simd;
 mod simple_average;
 pub(crate) mod task_arithmetic;
@@ -115,6 +117,11 @@ pub const REGISTRY: &[Entry] = &[
         build: |cfg, _| Ok(Box::new(fisher_merging::FisherMerging::from_config(cfg)?)),
     },
     Entry {
+        option: "regmean/clip_regmean",
+        class: "RegMeanAlgorithmForCLIP",
+        build: |cfg, _| Ok(Box::new(regmean::RegMean::from_config(cfg)?)),
+    },
+    Entry {
         option: "adamerging/clip",
         class: "CLIPLayerWiseAdaMergingAlgorithm",
         build: |cfg, ctx| Ok(Box::new(adamerging::AdaMerging::from_config(cfg, ctx)?)),
@@ -176,7 +183,7 @@ mod tests {
     #[test]
     fn every_method_has_its_config_and_class() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/method");
-        assert_eq!(REGISTRY.len(), 9);
+        assert_eq!(REGISTRY.len(), 10);
         for e in REGISTRY {
             let path = dir.join(format!("{}.yaml", e.option));
             let text = std::fs::read_to_string(&path)

@@ -98,3 +98,37 @@ pub fn assert_same_report(ours: &serde_json::Value, theirs: &serde_json::Value) 
     }
     assert_eq!(compared, 9, "eight tasks and the average");
 }
+
+/// Every tensor of `golden` against the tensor of `ours` that `ours_name` maps its name to,
+/// within `rel` relative: max|ours − theirs| ≤ `rel` · max|theirs| per tensor (BLAS may differ in
+/// the last bits between CPUs). Returns how many tensors were compared (at least one).
+pub fn assert_close_safetensors(
+    ours: &Path,
+    golden: &Path,
+    rel: f64,
+    ours_name: &dyn Fn(&str) -> String,
+) -> usize {
+    let (ob, gb) = (std::fs::read(ours).unwrap(), std::fs::read(golden).unwrap());
+    let o = safetensors::SafeTensors::deserialize(&ob).unwrap();
+    let g = safetensors::SafeTensors::deserialize(&gb).unwrap();
+    let floats = |d: &[u8]| -> Vec<f64> {
+        d.chunks_exact(4).map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]) as f64).collect()
+    };
+    let names = g.names();
+    assert!(!names.is_empty(), "{} holds no tensor", golden.display());
+    for name in &names {
+        let b = g.tensor(name).unwrap();
+        let mine = ours_name(name);
+        let a = o.tensor(&mine).unwrap_or_else(|_| panic!("{} has no `{mine}`", ours.display()));
+        assert_eq!(a.shape(), b.shape(), "`{name}`: shape");
+        let (x, y) = (floats(a.data()), floats(b.data()));
+        let scale = y.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = x.iter().zip(&y).fold(0f64, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            diff <= rel * scale,
+            "`{name}` of {}: max|diff| {diff:e} against max|FusionBench| {scale:e}",
+            ours.display()
+        );
+    }
+    names.len()
+}

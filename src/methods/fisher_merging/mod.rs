@@ -123,7 +123,12 @@ impl Method for FisherMerging {
                 pool.config().clone(),
                 files,
             );
-            let remote = cluster::compute(ctx, executor)?;
+            let remote = crate::methods::model_statistics::compute_on_cluster(
+                ctx,
+                "Fisher statistics",
+                models.len(),
+                executor,
+            )?;
             Some(if ctx.launch.join.is_some() { 0 } else { remote })
         } else {
             None
@@ -133,7 +138,7 @@ impl Method for FisherMerging {
             let file = files[t].as_deref();
             let all_tensors = if distributed {
                 let file = file.context("a cache file")?;
-                statistics::read_cached(file, &all)?.with_context(|| {
+                crate::methods::model_statistics::read_cached(file, &all, "Fisher")?.with_context(|| {
                     format!(
                         "model `{}`: its Fisher, computed on the cluster, is not in {} (is path.cache_dir on a filesystem every process shares?)",
                         m.name(),

@@ -5,12 +5,12 @@
 //! that the processes of a cluster share them.
 
 use super::super::Checkpoint;
+use crate::methods::model_statistics::{read_cached, write_cached};
 use crate::models::clip::{ClipVision, VisionConfig};
 use crate::tasks::set::TaskSet;
 use crate::tasks::zeroshot;
-use crate::weights::{Scope, WeightMap, WeightSource};
+use crate::weights::{Scope, WeightMap};
 use anyhow::{Context, Result};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -100,7 +100,7 @@ impl Statistics {
         config: &VisionConfig,
         file: Option<&Path>,
     ) -> Result<(Vec<Tensor>, Option<usize>)> {
-        if let Some(cached) = file.map(|f| read_cached(f, all)).transpose()?.flatten() {
+        if let Some(cached) = file.map(|f| read_cached(f, all, "Fisher")).transpose()?.flatten() {
             tracing::info!(model = model.name(), file = %file.map_or(String::new(), |f| f.display().to_string()), "Fisher reused from the cache");
             return Ok((cached, None));
         }
@@ -121,7 +121,7 @@ impl Statistics {
             "Fisher computed"
         );
         if let Some(file) = file {
-            write_cached(file, all, &f, seen)?;
+            write_cached(file, all, &f, seen, "Fisher")?;
         }
         Ok((f, Some(seen)))
     }
@@ -148,35 +148,17 @@ impl Statistics {
             self.batch_size,
             self.examples
         ));
-        h.update(std::fs::canonicalize(model.dir()).ok()?.to_string_lossy().as_bytes());
-        let mut files: Vec<_> = std::fs::read_dir(model.dir())
-            .ok()?
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-            .collect();
-        files.sort_by_key(|e| e.file_name());
-        for e in files {
-            let meta = std::fs::metadata(e.path()).ok()?;
-            let when = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
-            h.update(format!(
-                "|{}|{}|{}",
-                e.file_name().to_string_lossy(),
-                meta.len(),
-                when.as_nanos()
-            ));
-        }
+        crate::methods::model_statistics::hash_checkpoint(&mut h, model)?;
         let task = &set.tasks[t];
         h.update(format!("|{}|{:x}|", task.data.len(), task.data.fingerprint()));
         for tensor in [&task.head, &set.base.visual_projection, &set.base.logit_scale] {
             h.update(tensor_bytes(tensor));
         }
-        let key: String = h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect();
-        let safe: String = model
-            .name()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
-            .collect();
-        Some(cache_dir.join("fisher").join(format!("{safe}-{key}.safetensors")))
+        Some(crate::methods::model_statistics::cache_path(
+            &cache_dir.join("fisher"),
+            model.name(),
+            h,
+        ))
     }
 }
 
@@ -186,42 +168,4 @@ fn tensor_bytes(t: &Tensor) -> Vec<u8> {
     let mut v = vec![0f32; t.numel()];
     t.copy_data(&mut v, t.numel());
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// A cached Fisher of the tensors `all`: `None` when the file is missing; an error naming the
-/// file when it is unreadable or lacks a tensor (remove it to recompute).
-pub(super) fn read_cached(file: &Path, all: &[String]) -> Result<Option<Vec<Tensor>>> {
-    if !file.exists() {
-        return Ok(None);
-    }
-    let shown = file.display();
-    let f = crate::weights::SafetensorsFile::open(file)
-        .with_context(|| format!("reading the cached Fisher {shown} (remove it to recompute)"))?;
-    all.iter()
-        .map(|n| {
-            f.tensor(n).with_context(|| {
-                format!("the cached Fisher {shown} has no tensor `{n}` (remove it to recompute)")
-            })
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
-}
-
-/// Writes a model's Fisher to `file` (atomically), with the images it saw in its metadata.
-pub(super) fn write_cached(
-    file: &Path,
-    all: &[String],
-    fisher: &[Tensor],
-    seen: usize,
-) -> Result<()> {
-    if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut map = WeightMap::new();
-    for (n, f) in all.iter().zip(fisher) {
-        map.insert(n, f.shallow_clone());
-    }
-    let meta = HashMap::from([("images".to_string(), seen.to_string())]);
-    crate::weights::save_safetensors(&map, file, Some(meta))
-        .with_context(|| format!("caching the Fisher in {}", file.display()))
 }

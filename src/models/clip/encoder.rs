@@ -1,7 +1,8 @@
 //! The pre-LN transformer encoder both CLIP towers share (`CLIPEncoderLayer`):
 //! `h += out_proj(MHA(LN1 h))`, then `h += mlp(LN2 h)`, where the MLP slot holds the dense
 //! `fc2(act(fc1(·)))` or, for a WE-MoE model, a weight-ensembling block
-//! ([`crate::models::we_moe`]), recognised by its state-dict names.
+//! ([`crate::models::we_moe`]), recognised by its state-dict names. A forward may carry a
+//! [`LinearObserver`], shown the input of every Linear (RegMean's Gram matrices).
 
 use super::config::{Activation, EncoderConfig};
 use crate::models::we_moe::{Routing, WeMoeMlp};
@@ -27,6 +28,42 @@ pub const LAYER_PARAMS: [&str; 16] = [
     "layer_norm2.weight",
     "layer_norm2.bias",
 ];
+
+/// An input that Linear layers of an encoder layer read: q, k and v share the LN1 output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinearInput {
+    /// The LN1 output, read by `self_attn.{k,v,q}_proj`.
+    Attention,
+    /// The attention heads' output, read by `self_attn.out_proj`.
+    OutProj,
+    /// The LN2 output, read by `mlp.fc1` (dense MLPs only).
+    Fc1,
+    /// The activation of `fc1`'s output, read by `mlp.fc2` (dense MLPs only).
+    Fc2,
+}
+
+impl LinearInput {
+    /// Every input, in the order a forward meets them.
+    pub const ALL: [LinearInput; 4] =
+        [LinearInput::Attention, LinearInput::OutProj, LinearInput::Fc1, LinearInput::Fc2];
+
+    /// The Linear modules under a layer that read this input, in `named_modules()` order.
+    pub fn modules(self) -> &'static [&'static str] {
+        match self {
+            LinearInput::Attention => &["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+            LinearInput::OutProj => &["self_attn.out_proj"],
+            LinearInput::Fc1 => &["mlp.fc1"],
+            LinearInput::Fc2 => &["mlp.fc2"],
+        }
+    }
+}
+
+/// Shown, during a forward, the input `x` (`[batch, tokens, width]`) of every Linear of every
+/// encoder layer, once per distinct input (see [`LinearInput`]).
+pub trait LinearObserver {
+    /// Layer `layer`'s input `input` is `x`.
+    fn observe(&self, layer: usize, input: LinearInput, x: &Tensor);
+}
 
 /// A linear layer's weight and bias.
 #[derive(Debug)]
@@ -104,8 +141,27 @@ impl Mlp {
 
     /// The slot's output for `x` (the LN2 output).
     pub fn forward(&self, x: &Tensor, activation: Activation) -> Tensor {
+        self.forward_observed(x, activation, None)
+    }
+
+    /// [`Mlp::forward`], showing a dense MLP's Linear inputs to `observer` as layer `.1`'s.
+    fn forward_observed(
+        &self,
+        x: &Tensor,
+        activation: Activation,
+        observer: Option<(&dyn LinearObserver, usize)>,
+    ) -> Tensor {
         match self {
-            Mlp::Dense { fc1, fc2 } => fc2.forward(&activation.apply(&fc1.forward(x))),
+            Mlp::Dense { fc1, fc2 } => {
+                if let Some((o, layer)) = observer {
+                    o.observe(layer, LinearInput::Fc1, x);
+                }
+                let a = activation.apply(&fc1.forward(x));
+                if let Some((o, layer)) = observer {
+                    o.observe(layer, LinearInput::Fc2, &a);
+                }
+                fc2.forward(&a)
+            }
             Mlp::WeightEnsembling(b) => b.forward(x, activation),
         }
     }
@@ -155,19 +211,31 @@ impl EncoderLayer {
         &self.mlp
     }
 
-    fn forward(&self, h: &Tensor, c: &EncoderConfig, mask: Option<&Tensor>) -> Tensor {
+    fn forward(
+        &self,
+        h: &Tensor,
+        c: &EncoderConfig,
+        mask: Option<&Tensor>,
+        observer: Option<(&dyn LinearObserver, usize)>,
+    ) -> Tensor {
         let (b, l, d) = h.size3().expect("encoder input is [batch, tokens, hidden]");
         let heads = c.num_attention_heads;
         let split = |t: Tensor| t.view([b, l, heads, d / heads]).transpose(1, 2);
         let x = self.ln1.forward(h);
+        if let Some((o, layer)) = observer {
+            o.observe(layer, LinearInput::Attention, &x);
+        }
         let (q, k, v) =
             (split(self.q.forward(&x)), split(self.k.forward(&x)), split(self.v.forward(&x)));
         let scale = (c.head_dim() as f64).powf(-0.5);
         let a = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, scale, false);
         let a = a.transpose(1, 2).contiguous().view([b, l, d]);
+        if let Some((o, layer)) = observer {
+            o.observe(layer, LinearInput::OutProj, &a);
+        }
         let h = h + self.out.forward(&a);
         let x = self.ln2.forward(&h);
-        h + self.mlp.forward(&x, c.activation)
+        h + self.mlp.forward_observed(&x, c.activation, observer)
     }
 }
 
@@ -203,9 +271,19 @@ impl Encoder {
 
     /// Runs every layer; `mask` (bool, `[B, 1, L, L]`, true = may attend) is optional.
     pub fn forward(&self, h: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        self.forward_observed(h, mask, None)
+    }
+
+    /// [`Encoder::forward`], showing every Linear's input to `observer`.
+    pub fn forward_observed(
+        &self,
+        h: &Tensor,
+        mask: Option<&Tensor>,
+        observer: Option<&dyn LinearObserver>,
+    ) -> Tensor {
         let mut h = h.shallow_clone();
-        for layer in &self.layers {
-            h = layer.forward(&h, &self.config, mask);
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h, &self.config, mask, observer.map(|o| (o, i)));
         }
         h
     }

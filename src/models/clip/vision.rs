@@ -2,7 +2,7 @@
 //! pre-LN, encoder, post-LN on the class token.
 
 use super::config::VisionConfig;
-use super::encoder::{Encoder, LayerNorm, LoadOptions, LAYER_PARAMS};
+use super::encoder::{Encoder, LayerNorm, LinearObserver, LoadOptions, LAYER_PARAMS};
 use crate::weights::{Scope, WeightError};
 use tch::Tensor;
 
@@ -116,6 +116,15 @@ impl ClipVision {
 
     /// The final hidden states `[B, tokens, hidden]` (`last_hidden_state`).
     pub fn last_hidden_state(&self, pixel_values: &Tensor) -> Tensor {
+        self.last_hidden_state_observed(pixel_values, None)
+    }
+
+    /// [`ClipVision::last_hidden_state`], showing every encoder Linear's input to `observer`.
+    pub fn last_hidden_state_observed(
+        &self,
+        pixel_values: &Tensor,
+        observer: Option<&dyn LinearObserver>,
+    ) -> Tensor {
         let p = self.config.patch_size;
         let patches = pixel_values
             .conv2d(&self.patch_embedding, None::<Tensor>, [p, p], [0, 0], [1, 1], 1)
@@ -126,7 +135,7 @@ impl ClipVision {
         let cls = self.class_embedding.view([1, 1, h]).expand([b, 1, h], false);
         let x = Tensor::cat(&[cls, patches], 1) + &self.position_embedding;
         let x = self.pre_layrnorm.forward(&x);
-        self.encoder.forward(&x, None)
+        self.encoder.forward_observed(&x, None, observer)
     }
 
     /// `pooler_output`: post-LN of the class token, `[B, hidden]`. This is what FusionBench
