@@ -142,3 +142,40 @@ fn the_seeds_l14_adamerging_and_wemoe_recipes_run_as_written() {
         );
     }
 }
+
+/// The seed's L/14 Fisher and RegMean lines (`method.dataloader_kwargs.batch_size=8
+/// method.dataloader_kwargs.num_workers=4`), as written plus `seed=42` (RegMean's subsets are
+/// random otherwise): each report equals the same line's on the B/32 pool and task pool.
+#[test]
+fn the_seeds_l14_fisher_and_regmean_lines_run_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf_home = l14_hub(dir.path());
+    for method in ["fisher_merging/clip_fisher_merging", "regmean/clip_regmean"] {
+        let mut reports = Vec::new();
+        for (size, tasks) in [
+            ("clip-vit-large-patch14", "clip-vit-classification_TA8_L14"),
+            ("clip-vit-base-patch32", "clip-vit-classification_TA8"),
+        ] {
+            let cwd = dir.path().join(method.replace('/', "_")).join(size);
+            std::fs::create_dir_all(&cwd).unwrap();
+            let mut line = words(&format!(
+                "method={method} method.dataloader_kwargs.batch_size=8 \
+                 method.dataloader_kwargs.num_workers=4 \
+                 modelpool=CLIPVisionModelPool/{size}_TA8 \
+                 taskpool=CLIPVisionModelTaskPool/{tasks}"
+            ));
+            line.extend(["seed=42".to_string(), "report_save_path=report.json".into()]);
+            run(&cwd, &hf_home, &line);
+            reports.push(std::fs::read_to_string(cwd.join("report.json")).unwrap());
+        }
+        let (a, b): (serde_json::Value, serde_json::Value) = (
+            serde_json::from_str(&reports[0]).unwrap(),
+            serde_json::from_str(&reports[1]).unwrap(),
+        );
+        assert!(a["average"]["accuracy"].as_f64().is_some(), "{method}: a report: {}", reports[0]);
+        assert_eq!(
+            a, b,
+            "{method}: the L/14 line on the linked tiny models gives the B/32 one's report"
+        );
+    }
+}

@@ -110,6 +110,21 @@ fn the_seeds_fisher_line_gives_fusionbenchs_fishers_model_and_report() {
             "{extra:?}: the merge changes with its settings only"
         );
     }
+    // A NaN in a cached Fisher is refused, naming the model, the tensor and the file, before
+    // anything is written.
+    let file = cached_fisher(dir.path(), "svhn");
+    common::poison_safetensors(&file, "vision_model.encoder.layers.0.mlp.fc1.weight");
+    std::fs::remove_dir_all(dir.path().join("merged")).unwrap();
+    std::fs::remove_file(dir.path().join("report.json")).unwrap();
+    let out = run(dir.path(), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a NaN Fisher was merged");
+    for named in
+        ["`svhn`", "`vision_model.encoder.layers.0.mlp.fc1.weight`", &file.display().to_string()]
+    {
+        assert!(err.contains(named), "the error names {named}:\n{err}");
+    }
+    assert!(!dir.path().join("merged").exists() && !dir.path().join("report.json").exists());
 }
 
 #[test]

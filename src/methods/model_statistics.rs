@@ -181,3 +181,30 @@ pub(crate) fn write_cached(
     crate::weights::save_safetensors(&map, file, Some(meta))
         .with_context(|| format!("caching the {what} in {}", file.display()))
 }
+
+/// Refuses statistics (`what` of model `model`, tensors `names`) holding NaN or ±inf, naming the
+/// tensor and where they came from (`file`: read from the cache), before anything is merged or
+/// written: FusionBench would merge them into a NaN model without a word.
+pub(crate) fn check_finite(
+    what: &str,
+    model: &str,
+    names: &[String],
+    tensors: &[tch::Tensor],
+    file: Option<&std::path::Path>,
+) -> Result<()> {
+    for (name, t) in names.iter().zip(tensors) {
+        if t.isfinite().all().int64_value(&[]) == 0 {
+            let origin = match file {
+                Some(f) => {
+                    format!("read from the cache file {} (remove it to recompute)", f.display())
+                }
+                None => "as computed: the model's outputs overflow float32 on its task's images"
+                    .to_string(),
+            };
+            bail!(
+                "the {what} of model `{model}` hold NaN or infinite values in `{name}`, {origin}; nothing was merged"
+            );
+        }
+    }
+    Ok(())
+}

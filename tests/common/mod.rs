@@ -132,3 +132,15 @@ pub fn assert_close_safetensors(
     }
     names.len()
 }
+
+/// Overwrites the first element of float32 tensor `name` in the safetensors file `file` with a
+/// NaN, in place (a corrupted statistics cache).
+pub fn poison_safetensors(file: &Path, name: &str) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let (header, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let info = meta.info(name).unwrap_or_else(|| panic!("{} has no `{name}`", file.display()));
+    assert_eq!(info.dtype, safetensors::Dtype::F32);
+    let at = 8 + header + info.data_offsets.0;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(file, bytes).unwrap();
+}

@@ -136,18 +136,28 @@ impl Method for FisherMerging {
         let mut fishers = Vec::with_capacity(models.len());
         for (t, m) in models.iter().enumerate() {
             let file = files[t].as_deref();
-            let all_tensors = if distributed {
+            let (all_tensors, cached) = if distributed {
                 let file = file.context("a cache file")?;
-                crate::methods::model_statistics::read_cached(file, &all, "Fisher")?.with_context(|| {
+                let tensors = crate::methods::model_statistics::read_cached(file, &all, "Fisher")?.with_context(|| {
                     format!(
                         "model `{}`: its Fisher, computed on the cluster, is not in {} (is path.cache_dir on a filesystem every process shares?)",
                         m.name(),
                         file.display()
                     )
-                })?
+                })?;
+                (tensors, Some(file))
             } else {
-                self.statistics.fisher_of(&set, t, m, &all, pool.config(), file)?.0
+                let (tensors, seen) =
+                    self.statistics.fisher_of(&set, t, m, &all, pool.config(), file)?;
+                (tensors, if seen.is_none() { file } else { None })
             };
+            crate::methods::model_statistics::check_finite(
+                "Fisher",
+                m.name(),
+                &all,
+                &all_tensors,
+                cached,
+            )?;
             // Only the tensors to merge enter the merge (and the norms that weight it).
             let mut by_name: HashMap<&str, Tensor> =
                 all.iter().map(String::as_str).zip(all_tensors).collect();

@@ -5,7 +5,7 @@
 //! that the processes of a cluster share them.
 
 use super::super::Checkpoint;
-use crate::methods::model_statistics::{read_cached, write_cached};
+use crate::methods::model_statistics::{check_finite, read_cached, write_cached};
 use crate::models::clip::{ClipVision, VisionConfig};
 use crate::tasks::set::TaskSet;
 use crate::tasks::zeroshot;
@@ -120,6 +120,7 @@ impl Statistics {
             seconds = started.elapsed().as_secs_f64(),
             "Fisher computed"
         );
+        check_finite("Fisher", model.name(), all, &f, None)?;
         if let Some(file) = file {
             write_cached(file, all, &f, seen, "Fisher")?;
         }

@@ -16,7 +16,9 @@
 //! starts from OS entropy: a random subset each run; ours then draws a fresh seed, and its cache
 //! key says "unseeded", so a rerun reuses the subset the first run drew.
 
-use crate::methods::model_statistics::{cache_path, hash_checkpoint, read_cached, write_cached};
+use crate::methods::model_statistics::{
+    cache_path, check_finite, hash_checkpoint, read_cached, write_cached,
+};
 use crate::methods::Checkpoint;
 use crate::models::clip::encoder::{LinearInput, LinearObserver};
 use crate::models::clip::{ClipVision, VisionConfig};
@@ -190,6 +192,7 @@ impl Statistics {
             seconds = started.elapsed().as_secs_f64(),
             "RegMean Grams computed"
         );
+        check_finite("RegMean Grams", model.name(), &names, &grams, None)?;
         if let Some(file) = file {
             write_cached(file, &names, &grams, seen, "RegMean Grams")?;
         }

@@ -13,7 +13,7 @@
 mod grams;
 mod merge;
 
-use super::model_statistics::{compute_on_cluster, read_cached, ModelStatistics};
+use super::model_statistics::{check_finite, compute_on_cluster, read_cached, ModelStatistics};
 use super::pool_tasks::{pool_tasks, PoolSplit};
 use super::{Checkpoint, Merged, Method, RunContext};
 use crate::config::MethodConfig;
@@ -160,18 +160,21 @@ impl Method for RegMean {
         // cache when the cluster computed them), in model order.
         for (t, m) in models.iter().enumerate() {
             let file = files[t].as_deref();
-            let grams = if distributed {
+            let (grams, cached) = if distributed {
                 let file = file.context("a cache file")?;
-                read_cached(file, &names, "RegMean Grams")?.with_context(|| {
+                let grams = read_cached(file, &names, "RegMean Grams")?.with_context(|| {
                     format!(
                         "model `{}`: its Grams, computed on the cluster, are not in {} (is path.cache_dir on a filesystem every process shares?)",
                         m.name(),
                         file.display()
                     )
-                })?
+                })?;
+                (grams, Some(file))
             } else {
-                statistics.grams_of(&set, t, m, &config, file)?.0
+                let (grams, seen) = statistics.grams_of(&set, t, m, &config, file)?;
+                (grams, if seen.is_none() { file } else { None })
             };
+            check_finite("RegMean Grams", m.name(), &names, &grams, cached)?;
             sums.add(&grams, m)?;
         }
         let weights = pool.merge_per_tensor(|name, _| {
