@@ -170,5 +170,31 @@ pub fn run_config(cfg: &ProgramConfig, launch: &Launch) -> Result<Option<serde_j
     };
     let report = super::run(&plan, &hub, &pool, &merged, distribution)?;
     println!("{}", crate::report::to_python_json(&report));
+    seen_and_unseen(cfg, &report, plan.report_save_path.as_deref())?;
     Ok(Some(report))
+}
+
+/// The generalization experiments' seen and unseen averages, when the report has tasks the model
+/// pool has no model for: a table on stderr and `<report>.seen_unseen.csv` beside the report.
+fn seen_and_unseen(
+    cfg: &ProgramConfig,
+    report: &serde_json::Value,
+    report_path: Option<&std::path::Path>,
+) -> Result<()> {
+    use crate::report::seen_unseen::{csv_path, SeenUnseen};
+    let models: Vec<String> = cfg.modelpool.models.iter().map(|(n, _)| n.clone()).collect();
+    let Some(split) = SeenUnseen::of(report, &models) else { return Ok(()) };
+    let method = cfg
+        .method
+        .name
+        .clone()
+        .or_else(|| cfg.method.option.clone())
+        .unwrap_or_else(|| "method".into());
+    eprint!("{}", split.table(&method));
+    if let Some(path) = report_path {
+        let csv = csv_path(path);
+        crate::report::write_atomic(&csv, split.csv(&method).as_bytes())?;
+        tracing::info!(path = %csv.display(), seen = split.seen_average(), unseen = split.unseen_average(), "seen and unseen averages saved");
+    }
+    Ok(())
 }
