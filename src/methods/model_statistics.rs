@@ -100,27 +100,20 @@ pub(crate) fn compute_on_cluster<S: ModelStatistics>(
     Ok(remote)
 }
 
-/// Feeds a checkpoint's identity into a cache key: its folder and the names, sizes and
-/// modification times of its safetensors files. `None` when the folder cannot be read (then the
+/// Feeds a checkpoint's content identity into a cache key: the SHA-256 of each of its files
+/// (free for a hub snapshot, whose links name their blobs' hashes; for a local folder read once
+/// and remembered under `cache_dir/content_hashes`), not its path, so that nodes holding the same
+/// models at different paths agree on the key. `None` when a file cannot be read (then the
 /// statistics are not cached).
-pub(crate) fn hash_checkpoint(h: &mut Sha256, model: &Checkpoint) -> Option<()> {
-    h.update(std::fs::canonicalize(model.dir()).ok()?.to_string_lossy().as_bytes());
-    let mut files: Vec<_> = std::fs::read_dir(model.dir())
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-        .collect();
-    files.sort_by_key(|e| e.file_name());
-    for e in files {
-        let meta = std::fs::metadata(e.path()).ok()?;
-        let when = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
-        h.update(format!(
-            "|{}|{}|{}",
-            e.file_name().to_string_lossy(),
-            meta.len(),
-            when.as_nanos()
-        ));
-    }
+pub(crate) fn hash_checkpoint(
+    h: &mut Sha256,
+    model: &Checkpoint,
+    cache_dir: &std::path::Path,
+) -> Option<()> {
+    use crate::hub::identity::{identify_dir, HashCache};
+    let hashes = HashCache::new(Some(cache_dir.join("content_hashes")));
+    let identity = identify_dir(model.name(), model.dir(), &hashes).ok()?;
+    h.update(format!("|{}|{}", identity.digest, identity.files));
     Some(())
 }
 

@@ -128,8 +128,8 @@ impl Statistics {
     }
 
     /// Where model `t`'s Fisher is kept under `cache_dir`: `fisher/<model>-<key>.safetensors`,
-    /// the key hashing what the statistics depend on: the checkpoint's files (folder, names,
-    /// sizes, modification times), the dataset (fingerprint, length), the zero-shot head and the
+    /// the key hashing what the statistics depend on: the checkpoint's content (each
+    /// file's SHA-256), the dataset (fingerprint, length), the zero-shot head and the
     /// base model's projection (their values), the batch size, `num_fisher_examples` and this
     /// program's numerics version. Not the merge's settings: a sweep over
     /// `minimal_fisher_weight`, `normalize_fisher_weight` or `exclude_param_names_regex` reuses
@@ -149,7 +149,7 @@ impl Statistics {
             self.batch_size,
             self.examples
         ));
-        crate::methods::model_statistics::hash_checkpoint(&mut h, model)?;
+        crate::methods::model_statistics::hash_checkpoint(&mut h, model, cache_dir)?;
         let task = &set.tasks[t];
         h.update(format!("|{}|{:x}|", task.data.len(), task.data.fingerprint()));
         for tensor in [&task.head, &set.base.visual_projection, &set.base.logit_scale] {

@@ -200,7 +200,7 @@ impl Statistics {
     }
 
     /// Where model `t`'s Grams are kept under `cache_dir`: `regmean/<model>-<key>.safetensors`,
-    /// the key hashing what they depend on: the checkpoint's files, the dataset (fingerprint,
+    /// the key hashing what they depend on: the checkpoint's content (each file's SHA-256), the dataset (fingerprint,
     /// length), the batch size, `num_regmean_examples`, the shuffle (its sampler's seed, or
     /// "unseeded") and this program's numerics version. Not the merge's settings: a sweep over
     /// `reduce_non_diagonal_ratio` or `exclude_param_names_regex` reuses them. `None` (no
@@ -226,7 +226,7 @@ impl Statistics {
                 "unseeded".to_string()
             }
         ));
-        hash_checkpoint(&mut h, model)?;
+        hash_checkpoint(&mut h, model, cache_dir)?;
         let task = &set.tasks[t];
         h.update(format!("|{}|{:x}|", task.data.len(), task.data.fingerprint()));
         Some(cache_path(&cache_dir.join("regmean"), model.name(), h))

@@ -15,9 +15,10 @@ use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
-/// A condition number (1-norm) above this leaves no correct digit in float32: the solve is noise.
+/// A condition number (1-norm, which can exceed the 2-norm one by up to the width `n`) above
+/// `n` times this leaves no correct digit in float32 for sure: the solve is noise.
 const NOISE_CONDITION: f64 = 1.0 / f32::EPSILON as f64;
-/// A condition number above this is worth a warning (fewer than 2 of float32's 7 digits left).
+/// A condition number (1-norm) above this is worth a warning (few of float32's 7 digits left).
 const WARN_CONDITION: f64 = 1e5;
 
 /// The two running sums of every merged Linear, and how to finish them.
@@ -149,9 +150,10 @@ impl Accumulator {
             t.abs().sum_dim_intlist([0i64].as_slice(), false, None::<Kind>).max().double_value(&[])
         };
         let condition = one_norm(sum) * one_norm(&inverse);
-        if !condition.is_finite() || condition > NOISE_CONDITION {
+        let width = sum.size()[0] as f64;
+        if !condition.is_finite() || condition > width * NOISE_CONDITION {
             bail!(
-                "regmean: the Gram sum of `{module}`'s input is numerically singular (condition number {condition:.3e} > 1/ε of float32): its inverse, and FusionBench's, is noise. Use more examples (method.num_regmean_examples) or a smaller method.reduce_non_diagonal_ratio (now {})",
+                "regmean: the Gram sum of `{module}`'s input is numerically singular (1-norm condition number {condition:.3e} > width × 1/ε of float32): its inverse, and FusionBench's, is noise. Use more examples (method.num_regmean_examples) or a smaller method.reduce_non_diagonal_ratio (now {})",
                 self.ratio
             );
         }
