@@ -35,13 +35,14 @@ impl PoolSplit {
 }
 
 /// The tasks of `models` (in that order), each on its `split` dataset of the model pool, on the
-/// CPU. `method` names the method in errors; a missing dataset or an empty one is an error
-/// naming the model and the config key.
+/// CPU, with their zero-shot heads when `heads`. `method` names the method in errors; a missing
+/// dataset or an empty one is an error naming the model and the config key.
 pub(crate) fn pool_tasks(
     ctx: &RunContext<'_>,
     models: &[&str],
     split: PoolSplit,
     method: &str,
+    heads: bool,
 ) -> Result<TaskSet> {
     let mp = &ctx.program.modelpool;
     let base = mp
@@ -80,6 +81,7 @@ pub(crate) fn pool_tasks(
         tasks: &tasks,
         cache_dir: cache_dir.as_deref(),
         crop_cache: crop_cache.as_ref(),
+        heads,
     };
     let mut set = TaskSet::load(&spec, ctx.hub, tch::Device::Cpu)?;
     for t in &set.tasks {

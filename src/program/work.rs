@@ -139,6 +139,7 @@ impl Evaluator {
             tasks: &plan.tasks,
             cache_dir: plan.cache_dir.as_deref(),
             crop_cache: plan.crop_cache.as_ref(),
+            heads: true,
         };
         let set = TaskSet::load(&spec, hub, device)?;
         let writers = set

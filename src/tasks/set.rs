@@ -43,6 +43,9 @@ pub struct TaskSetSpec<'a> {
     pub cache_dir: Option<&'a Path>,
     /// The decoded-image cache.
     pub crop_cache: Option<&'a CropCache>,
+    /// Whether the tasks need zero-shot heads (RegMean's statistics do not: its heads are then
+    /// empty `[0, projection]` tensors).
+    pub heads: bool,
 }
 
 /// Tasks, loaded.
@@ -91,16 +94,21 @@ impl TaskSet {
         let mut tasks = Vec::new();
         for (name, ds) in spec.tasks {
             let task = super::task(name)?;
-            let head = zeroshot::cached_zeroshot_head(
-                spec.cache_dir,
-                &base_dir,
-                device,
-                clip,
-                &tokenizer,
-                name,
-                task,
-            )
-            .with_context(|| format!("task `{name}`: its zero-shot head"))?;
+            let head = if spec.heads {
+                zeroshot::cached_zeroshot_head(
+                    spec.cache_dir,
+                    &base_dir,
+                    device,
+                    clip,
+                    &tokenizer,
+                    name,
+                    task,
+                )
+                .with_context(|| format!("task `{name}`: its zero-shot head"))?
+            } else {
+                let width = base.visual_projection.size()[0];
+                Tensor::zeros([0, width], (tch::Kind::Float, device))
+            };
             let dir = hub.resolve_dataset(&ds.id)?;
             let data = ImageDataset::load(&dir, ds.config.as_deref(), &ds.split, processor.clone())
                 .with_context(|| {

@@ -97,6 +97,7 @@ pub(crate) fn test_time_tasks(
         models,
         crate::methods::pool_tasks::PoolSplit::Test,
         method,
+        true,
     )
 }
 

@@ -99,7 +99,7 @@ impl Method for FisherMerging {
         let names: Vec<&str> =
             all.iter().map(String::as_str).filter(|n| !self.excluded(n)).collect();
         let model_names: Vec<&str> = models.iter().map(Checkpoint::name).collect();
-        let set = pool_tasks(ctx, &model_names, PoolSplit::Train, "fisher_merging")?;
+        let set = pool_tasks(ctx, &model_names, PoolSplit::Train, "fisher_merging", true)?;
         let cache_dir = ctx.program.path.cache_dir.as_ref().map(std::path::PathBuf::from);
         let files: Vec<Option<std::path::PathBuf>> = models
             .iter()

@@ -36,6 +36,8 @@ pub(super) struct Accumulator {
     /// `diag(1 − α) + α` by width.
     masks: HashMap<i64, Tensor>,
     models: usize,
+    /// Solves above [`WARN_CONDITION`]: how many, and the worst (module, condition number).
+    ill: (usize, Option<(String, f64)>),
 }
 
 impl Accumulator {
@@ -70,6 +72,7 @@ impl Accumulator {
             products: HashMap::new(),
             masks: HashMap::new(),
             models: 0,
+            ill: (0, None),
         }
     }
 
@@ -125,6 +128,19 @@ impl Accumulator {
         Ok(())
     }
 
+    /// Warns once when some solves were ill-conditioned (which, how many, the worst).
+    pub(super) fn warn_conditioning(&self) {
+        if let (n, Some((module, condition))) = &self.ill {
+            tracing::warn!(
+                solved = self.linears.len(),
+                ill_conditioned = n,
+                worst = %module,
+                condition,
+                "regmean: some Gram sums are ill-conditioned (1-norm condition number above 1e5): those merged weights keep few correct digits in float32 (RUST_LOG=debug lists them; a smaller method.reduce_non_diagonal_ratio or more examples help)"
+            );
+        }
+    }
+
     /// The merged value of `name` when RegMean solves it (`None` for every other tensor):
     /// `(Σ G')⁻¹ Σ G'Wᵀ`, transposed back. A singular or numerically singular `Σ G'` is an error
     /// naming the layer.
@@ -158,11 +174,11 @@ impl Accumulator {
             );
         }
         if condition > WARN_CONDITION {
-            tracing::warn!(
-                module,
-                condition,
-                "regmean: an ill-conditioned Gram sum: the merged weight keeps few correct digits"
-            );
+            tracing::debug!(module, condition, "regmean: an ill-conditioned Gram sum");
+            self.ill.0 += 1;
+            if self.ill.1.as_ref().is_none_or(|(_, c)| condition > *c) {
+                self.ill.1 = Some((module.to_string(), condition));
+            }
         }
         let merged = inverse.matmul(&product);
         let merged = if self.transpose { merged.tr().contiguous() } else { merged };

@@ -113,7 +113,9 @@ impl Method for RegMean {
         let config = pool.config().clone();
         let hidden = config.encoder.hidden_size as usize;
         let model_names: Vec<&str> = models.iter().map(Checkpoint::name).collect();
-        let set = pool_tasks(ctx, &model_names, PoolSplit::Train, "regmean")?;
+        // FusionBench builds the zero-shot heads here too, then never reads them: the Grams only
+        // need the vision tower's forward.
+        let set = pool_tasks(ctx, &model_names, PoolSplit::Train, "regmean", false)?;
         if hidden < 16 {
             tracing::warn!(
                 hidden,
@@ -187,6 +189,7 @@ impl Method for RegMean {
             let values = models.iter().map(|m| m.get(name)).collect::<Result<Vec<_>>>()?;
             Ok(Tensor::stack(&values, 0).mean_dim([0i64].as_slice(), false, None::<Kind>))
         })?;
+        sums.warn_conditioning();
         Ok(Merged {
             weights,
             trainable: true,
