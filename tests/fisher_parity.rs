@@ -186,3 +186,35 @@ fn three_processes_share_out_the_models_and_give_the_single_process_result() {
         common::cluster::FISHER,
     );
 }
+
+/// Without a cache (`path.cache_dir=null`) every model's Fisher is held for the merge instead of
+/// read back tensor by tensor from the cache files: the same merged model, byte for byte.
+#[test]
+fn without_a_cache_the_fishers_stay_in_memory_and_merge_the_same() {
+    let cached = tempfile::tempdir().unwrap();
+    let out = run(cached.path(), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
+        .args([
+            "method=fisher_merging/clip_fisher_merging",
+            "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8",
+            "taskpool=dummy",
+            "fabric.accelerator=cpu",
+            "print_config=false",
+            "path.cache_dir=null",
+        ])
+        .arg(format!("merged_model_save_path={}", dir.path().join("merged").display()))
+        .env("HF_HOME", root().join("tests/fixtures/hf_home"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !dir.path().join("cache").exists() && !dir.path().join("outputs/cache/fisher").exists()
+    );
+    common::assert_same_safetensors(
+        &dir.path().join("merged/model.safetensors"),
+        &cached.path().join("merged/model.safetensors"),
+    );
+}

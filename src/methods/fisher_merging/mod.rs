@@ -133,6 +133,9 @@ impl Method for FisherMerging {
         } else {
             None
         };
+        // With a cache every model's Fisher is on disk: the merge reads it tensor by tensor from
+        // there instead of holding every model's (a model's size each).
+        let streamed = files.iter().all(Option::is_some);
         let mut fishers = Vec::with_capacity(models.len());
         for (t, m) in models.iter().enumerate() {
             let file = files[t].as_deref();
@@ -158,6 +161,9 @@ impl Method for FisherMerging {
                 &all_tensors,
                 cached,
             )?;
+            if streamed {
+                continue;
+            }
             // Only the tensors to merge enter the merge (and the norms that weight it).
             let mut by_name: HashMap<&str, Tensor> =
                 all.iter().map(String::as_str).zip(all_tensors).collect();
@@ -168,8 +174,26 @@ impl Method for FisherMerging {
                     .collect::<Result<Vec<_>>>()?,
             );
         }
+        let fishers = if streamed {
+            Fishers::Files(
+                files
+                    .iter()
+                    .flatten()
+                    .map(|f| {
+                        crate::weights::SafetensorsFile::open(f).with_context(|| {
+                            format!(
+                                "reading the cached Fisher {} (remove it to recompute)",
+                                f.display()
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        } else {
+            Fishers::Memory(fishers)
+        };
         let _guard = tch::no_grad_guard();
-        let coefficients = self.coefficients(&fishers)?;
+        let coefficients = self.coefficients(&fishers, &names)?;
         let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
         let weights = pool.merge_per_tensor(|name, _| match index.get(name) {
             None => base.get(name),
@@ -177,8 +201,7 @@ impl Method for FisherMerging {
                 let values =
                     models.iter().map(|m| m.get(name)).collect::<Result<Vec<_>>>()?;
                 let shaped = coefficients.reshape(broadcast_shape(values[0].dim()));
-                let f = Tensor::stack(&fishers.iter().map(|f| &f[k]).collect::<Vec<_>>(), 0)
-                    + self.minimal;
+                let f = fishers.stacked(k, name)? + self.minimal;
                 let p = Tensor::stack(&values, 0);
                 let numerator = (&shaped * &f * &p).sum_dim_intlist([0i64].as_slice(), false, None::<Kind>);
                 let denominator = (&shaped * &f).sum_dim_intlist([0i64].as_slice(), false, None::<Kind>);
@@ -203,8 +226,8 @@ impl Method for FisherMerging {
 impl FisherMerging {
     /// `[T]`: `1/T`, times each model's normalised inverse Fisher norm when
     /// `normalize_fisher_weight`.
-    fn coefficients(&self, fishers: &[Vec<Tensor>]) -> Result<Tensor> {
-        let t = fishers.len() as i64;
+    fn coefficients(&self, fishers: &Fishers, names: &[&str]) -> Result<Tensor> {
+        let t = fishers.models() as i64;
         let uniform = Tensor::ones([t], (Kind::Float, tch::Device::Cpu)) / t;
         if !self.normalize {
             return Ok(uniform);
@@ -212,18 +235,53 @@ impl FisherMerging {
         // FusionBench's `get_models_fisher_norm`: per tensor the [T] norms over its elements,
         // stacked [T, P], then the norm over tensors (`torch.linalg.vector_norm` and
         // `torch.norm(dim=1)`; ATen's `norm` is `linalg_vector_norm`).
-        let per_tensor: Vec<Tensor> = (0..fishers[0].len())
-            .map(|k| {
-                let stacked = Tensor::stack(&fishers.iter().map(|f| &f[k]).collect::<Vec<_>>(), 0);
+        let per_tensor: Vec<Tensor> = names
+            .iter()
+            .enumerate()
+            .map(|(k, name)| -> Result<Tensor> {
+                let stacked = fishers.stacked(k, name)?;
                 let dims: Vec<i64> = (1..stacked.dim() as i64).collect();
-                stacked.norm_scalaropt_dim(2.0, dims.as_slice(), false)
+                Ok(stacked.norm_scalaropt_dim(2.0, dims.as_slice(), false))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let norms = Tensor::stack(&per_tensor, 1).norm_scalaropt_dim(2.0, [1i64].as_slice(), false);
         // `1.0 / (norm + ε)` is torch's `reciprocal() * 1.0`.
         let inverse = (norms + self.minimal).reciprocal();
         let normalised = &inverse / inverse.sum(None::<Kind>);
         Ok(uniform * normalised)
+    }
+}
+
+/// Every model's Fisher of the merged tensors: held in memory (`[model][tensor]`), or read tensor
+/// by tensor from the cache files, so that the merge holds one tensor's Fishers at a time.
+enum Fishers {
+    Memory(Vec<Vec<Tensor>>),
+    Files(Vec<crate::weights::SafetensorsFile>),
+}
+
+impl Fishers {
+    fn models(&self) -> usize {
+        match self {
+            Fishers::Memory(m) => m.len(),
+            Fishers::Files(f) => f.len(),
+        }
+    }
+
+    /// `[T, …]`: every model's Fisher of the `k`-th merged tensor, `name`.
+    fn stacked(&self, k: usize, name: &str) -> Result<Tensor> {
+        use crate::weights::WeightSource;
+        match self {
+            Fishers::Memory(m) => {
+                Ok(Tensor::stack(&m.iter().map(|f| &f[k]).collect::<Vec<_>>(), 0))
+            }
+            Fishers::Files(files) => {
+                let each = files
+                    .iter()
+                    .map(|f| f.tensor(name).with_context(|| format!("a cached Fisher has no `{name}` (remove path.cache_dir/fisher to recompute)")))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::stack(&each, 0))
+            }
+        }
     }
 }
 
