@@ -91,38 +91,39 @@ impl Accumulator {
     /// Adds the next model (in pool order): its Grams, in [`super::grams::gram_names`] order.
     pub(super) fn add(&mut self, grams: &[Tensor], model: &Checkpoint) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        let mut reduced: Vec<Option<Tensor>> = (0..grams.len()).map(|_| None).collect();
+        // Slot by slot, so that one reduced Gram is held at a time; the Linears in layer order.
+        let mut linears: Vec<(usize, String)> =
+            self.linears.iter().map(|(n, &s)| (s, n.clone())).collect();
+        linears.sort();
         for (s, g) in grams.iter().enumerate() {
             if self.users.get(s).copied().unwrap_or(0) == 0 {
                 continue;
             }
             let d = g.size()[0];
             let r = g * self.mask(d);
-            self.sums[s] = Some(match self.sums[s].take() {
-                None => r.shallow_clone(),
-                Some(sum) => sum + &r,
-            });
-            reduced[s] = Some(r);
-        }
-        for (name, &s) in &self.linears {
-            let r = reduced[s].as_ref().context("a reduced Gram")?;
-            let w = model.get(name)?;
-            let (rows, cols) = (r.size()[1], w.size()[usize::from(self.transpose)]);
-            if rows != cols {
-                bail!(
-                    "regmean: `{name}` of model `{}` is {:?} and its input's Gram {:?}: with method.weight_transpose={} they do not multiply (CLIP's Linear weights are [out, in]: weight_transpose=true)",
-                    model.name(),
-                    w.size(),
-                    r.size(),
-                    self.transpose
-                );
+            for (_, name) in linears.iter().filter(|(slot, _)| *slot == s) {
+                let w = model.get(name)?;
+                let (rows, cols) = (r.size()[1], w.size()[usize::from(self.transpose)]);
+                if rows != cols {
+                    bail!(
+                        "regmean: `{name}` of model `{}` is {:?} and its input's Gram {:?}: with method.weight_transpose={} they do not multiply (CLIP's Linear weights are [out, in]: weight_transpose=true)",
+                        model.name(),
+                        w.size(),
+                        r.size(),
+                        self.transpose
+                    );
+                }
+                let p = if self.transpose { r.matmul(&w.tr()) } else { r.matmul(&w) };
+                let sum = match self.products.remove(name) {
+                    None => p,
+                    Some(sum) => sum + p,
+                };
+                self.products.insert(name.clone(), sum);
             }
-            let p = if self.transpose { r.matmul(&w.tr()) } else { r.matmul(&w) };
-            let sum = match self.products.remove(name) {
-                None => p,
-                Some(sum) => sum + p,
-            };
-            self.products.insert(name.clone(), sum);
+            self.sums[s] = Some(match self.sums[s].take() {
+                None => r,
+                Some(sum) => sum + r,
+            });
         }
         self.models += 1;
         Ok(())
