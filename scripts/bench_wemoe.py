@@ -59,9 +59,10 @@ Modes:
   --exchange  ours on the fixtures (with --b32: the B/32-size pool, 3 steps, 1 repeat), `--steps`
               steps (default 20), 1 process against 2 on loopback
               (`--serve 127.0.0.1:0` computing + one `--join` worker, as bench_tta.py's exchange
-              mode): seconds per step and the log line's `exchange_share` (the share of the rounds'
-              wall time not spent computing items: encoding, QUIC, broadcasting the routers,
-              waiting); the 2-process routers are checked against the 1-process ones (the same
+              mode): seconds per step, the log line's `exchange_share` (the share of the rounds'
+              wall time not spent computing items: the ring's reduction, waiting for the slower
+              rank, the round's messages) and `reduce_seconds_per_step` (the reduction itself: the
+              time of the rank that reached it last; alone, the local fold); the 2-process routers are checked against the 1-process ones (the same
               relative figure; the runtime promises the same bits: 0).
 
 usage: python scripts/bench_wemoe.py [--repeats 3] [--steps N] [--b32 | --l14] [--exchange] [--work DIR]
@@ -224,15 +225,18 @@ def exchange(a, env, size):
                     _, err, _, _ = timed(base, env, cwd)
                 else:
                     err = loopback(base, env, cwd)
-                rows[procs].append((log_field(err, LINE, "seconds_per_step"), log_field(err, LINE, "exchange_share")))
+                rows[procs].append((log_field(err, LINE, "seconds_per_step"), log_field(err, LINE, "exchange_share"),
+                                    log_field(err, LINE, "reduce_seconds_per_step")))
             d, tensors = router_diff(os.path.join(tmp, f"p2-{r}", "model.ckpt"), os.path.join(tmp, f"p1-{r}", "model.ckpt"))
             diff = max(diff, d)
     where = "the fixtures" if size == "fixtures" else "a ViT-B/32-size pool of six tasks, batch 16"
     print(f"WE-MoE router training on {where}, {a.steps} steps, ours (median of {a.repeats}):")
     for procs in (1, 2):
         sps, share = med([x[0] for x in rows[procs]]), med([x[1] for x in rows[procs]])
+        red = med([x[2] for x in rows[procs]])
         print(f"  {procs} process(es){' on loopback' if procs == 2 else '            '}: {sps * 1000:7.1f} ms/step; "
-              f"share of the rounds not computing items: {share * 100:5.1f}%")
+              f"share of the rounds not computing items: {share * 100:5.1f}%; "
+              f"summing the router gradients: {red * 1000:7.1f} ms/step")
     print(f"  routers, 2 processes against 1: max over the {tensors} .mlp.gate. tensors of "
           f"max|a - b| / max|b| = {diff:.2e} (worst repeat)")
 

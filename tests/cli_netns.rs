@@ -1,6 +1,7 @@
-//! Distributed evaluation across network namespaces with a worker's link cut mid-run
-//! (`scripts/netns-eval.sh`, run with this build's `fusion_bench`): the coordinator's report must
-//! equal the single-process report byte for byte. Needs root and `ip netns`; without them the
+//! Distributed evaluation and WE-MoE router training across network namespaces with a worker's
+//! link cut mid-run (`scripts/netns-eval.sh`, `scripts/netns-wemoe.sh`, run with this build's
+//! `fusion_bench`): the coordinator's report (and trained model) must equal the single-process
+//! one byte for byte. Needs root and `ip netns`; without them the
 //! script skips, except under `CI=true`, where a skip is a failure (of the script, and of this
 //! test).
 
@@ -9,6 +10,15 @@ mod common;
 #[test]
 fn link_cut_during_distributed_evaluation_keeps_the_report() {
     common::run_harness("netns-eval.sh");
+}
+
+/// WE-MoE's router training with its gradients going round a ring of three processes in three
+/// namespaces (`scripts/netns-wemoe.sh`): a worker's link cut mid-training breaks the ring; the
+/// step runs again on a ring of the two left, and the trained model and report are the single
+/// process's, byte for byte.
+#[test]
+fn link_cut_during_ring_router_training_keeps_the_model() {
+    common::run_harness("netns-wemoe.sh");
 }
 
 /// The skip chain itself: `harness-lib.sh`'s `skip` exits 0 with `SKIP:` outside CI and fails

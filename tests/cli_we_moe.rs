@@ -1,5 +1,6 @@
 //! End to end: WE-MoE's router training on the cluster runtime. A coordinator and two workers
-//! (also with one worker killed mid-run) train the routers to the single process's bits, then
+//! (also with one worker killed mid-run, the step then recomputed on a ring of the two left)
+//! train the routers to the single process's bits, their gradients summed over the ring, then
 //! evaluate the trained model together and give the single process's report; a run stopped by
 //! SIGTERM (also in the middle of a step) or killed with SIGKILL, restarted, ends with the
 //! uninterrupted run's routers bit for bit.
@@ -120,14 +121,30 @@ fn three_processes(dir: &Path, steps: u64, kill_one: bool) -> (Vec<(String, Vec<
         wait_for_step(dir, 3, &mut coord.child);
         workers[0].kill().unwrap();
     }
-    coord.wait_success();
-    // Every surviving worker trained, then evaluated the trained model with the others.
+    let (status, log) = coord.wait();
+    assert!(status.success(), "coordinator: {status}\n{log}");
+    // The gradients went round a ring of the three processes; a killed worker's step ran again
+    // on a ring of the two left.
+    let generations = log
+        .lines()
+        .filter(|l| l.contains("test-time adaptation loop"))
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("generations=")))
+        .and_then(|n| n.parse::<u64>().ok());
+    if kill_one {
+        assert!(generations.is_some_and(|g| g >= 2), "generations {generations:?}:\n{log}");
+        assert!(log.contains("the step runs again on a new ring"), "{log}");
+    } else {
+        assert_eq!(generations, Some(1), "{log}");
+    }
+    // Every surviving worker trained in the ring, then evaluated the trained model with the
+    // others.
     for (i, w) in workers.iter_mut().enumerate().skip(kill_one as usize) {
         let wdir = dir.join(format!("w{i}"));
         assert_worker_succeeded(w, i, &wdir);
-        // A survivor of a killed worker may have been given no adaptation item.
-        let jobs: &[&str] = if kill_one { &[EVALUATION] } else { &[ADAPTATION, EVALUATION] };
-        assert_worker_computed(&wdir, jobs);
+        assert_worker_computed(&wdir, &[ADAPTATION, EVALUATION]);
+        let wlog = std::fs::read_to_string(wdir.join("stderr.log")).unwrap();
+        let rings = wlog.matches("worker ring formed").count();
+        assert_eq!(rings, if kill_one { 2 } else { 1 }, "worker {i}:\n{wlog}");
     }
     (routers_and_all(&dir.join("run.ckpt")), std::fs::read(dir.join("run.json")).unwrap())
 }

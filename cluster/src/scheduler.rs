@@ -157,6 +157,17 @@ impl<T, R, W: Clone + Eq + Hash> Scheduler<T, R, W> {
     /// The next item for `worker`, or `None` when it holds its limit, was declared lost, or nothing
     /// is queued. Items come out in id order, re-queued items first.
     pub fn next_for(&mut self, worker: &W, now: Instant) -> Option<Assignment<'_, T>> {
+        self.next_for_where(worker, now, |_| true)
+    }
+
+    /// As [`Scheduler::next_for`], among the items `allowed` accepts for this worker only (items
+    /// pinned to one worker): the first queued one in id order.
+    pub fn next_for_where(
+        &mut self,
+        worker: &W,
+        now: Instant,
+        allowed: impl Fn(ItemId) -> bool,
+    ) -> Option<Assignment<'_, T>> {
         if self.lost.contains(worker) {
             return None;
         }
@@ -174,7 +185,7 @@ impl<T, R, W: Clone + Eq + Hash> Scheduler<T, R, W> {
         }
         let pos = self.queue.iter().position(|id| {
             let st = &self.items[id.0];
-            st.done_by.is_none() && !st.holders.iter().any(|(w, _)| w == worker)
+            st.done_by.is_none() && !st.holders.iter().any(|(w, _)| w == worker) && allowed(*id)
         })?;
         let id = self.queue.remove(pos)?;
         let deadline = self.timeout.map(|t| now + t);

@@ -717,3 +717,55 @@ fn a_worker_waits_out_a_closing_endpoint_and_joins_the_next_job_on_its_address()
     let summary = worker.join().unwrap().expect("the worker joined the next job");
     assert_eq!(summary.executed, 8, "the remote worker computed every item");
 }
+
+/// Answers each item with its own name and the item.
+struct Named(String);
+
+impl Executor for Named {
+    fn execute(&mut self, item: &[u8]) -> Result<Vec<u8>, String> {
+        Ok([self.0.as_bytes(), b":", item].concat())
+    }
+}
+
+/// A pinned round runs each item on the worker named for it, whoever is free; one naming a
+/// worker that is not joined fails at once with `PinnedWorkerLost`, and the job goes on.
+#[test]
+fn pinned_items_run_on_their_named_workers_only() {
+    let _watchdog = watchdog("pinned_items", Duration::from_secs(20));
+    let dir = tempfile::tempdir().unwrap();
+    let local: Vec<Box<dyn Executor>> =
+        (0..3).map(|i| Box::new(Named(local_worker_name(i))) as Box<dyn Executor>).collect();
+    let (outcome, _) = run_job(
+        local,
+        None,
+        &opts(dir.path()),
+        |_| {},
+        |job: &mut Job| {
+            let owners = [2, 0, 1, 0, 0, 2];
+            let items: Vec<(String, Vec<u8>)> = owners
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| (local_worker_name(w), vec![b'a' + i as u8]))
+                .collect();
+            let done = job.round_pinned(items).unwrap();
+            let missing = job.round_pinned(vec![("nobody".into(), vec![b'z'])]);
+            let after = job.round(vec![vec![b'q']]).unwrap();
+            (done.results, missing, after.results.len())
+        },
+    )
+    .unwrap();
+    let (results, missing, after) = outcome;
+    let want: Vec<Vec<u8>> = [2, 0, 1, 0, 0, 2]
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| {
+            format!("{}:{}", local_worker_name(w), (b'a' + i as u8) as char).into_bytes()
+        })
+        .collect();
+    assert_eq!(results, want);
+    match missing {
+        Err(ClusterError::PinnedWorkerLost { worker, .. }) => assert_eq!(worker, "nobody"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(after, 1, "a later round runs");
+}

@@ -96,6 +96,9 @@ const GATHER: u8 = 2;
 const BCAST: u8 = 3;
 const ARRIVE: u8 = 4;
 const RELEASE: u8 = 5;
+/// A partial sum of [`Ring::reduce_parts`] (`PARTIAL_EMPTY`: no part summed yet, no floats).
+const PARTIAL: u8 = 6;
+const PARTIAL_EMPTY: u8 = 7;
 /// kind u8, 3 zero bytes, seq u32, total u64, chunk u32, count u32 (all little-endian).
 const HEADER: usize = 24;
 
@@ -149,6 +152,37 @@ impl<S: RingSend, R: RingRecv> Ring<S, R> {
         let (rank, n, seq, cf) = self.start()?;
         let (tx, rx) = self.links.as_mut().ok_or(CollectiveError::Broken)?;
         let res = run(self.config.timeout, all_reduce(tx, rx, rank, n, seq, cf, buf)).await;
+        self.finish(res)
+    }
+
+    /// Sums every rank's `parts` element-wise into `out`, in one fixed order: rank 0's parts in
+    /// their order, then rank 1's, and so on, each added to the running sum left to right in
+    /// `f32` (`((p₀ + p₁) + p₂) + …`, starting from the first part, not from `0.0`). That is the
+    /// sequential fold of all parts in rank-then-part order, so when the parts are the items of a
+    /// list spread over the ranks in contiguous blocks, the result has the same bits for any
+    /// number of ranks and any split, including ranks with no part. Every rank ends with the
+    /// same bits in `out`; with no part on any rank, `out` is all zeros. Every part and `out`
+    /// must have the same length, on every rank.
+    ///
+    /// The chain is the one of [`Ring::all_reduce_sum`]: rank 0 sends its partial sum of each
+    /// chunk, each rank adds its parts to what it receives and passes it on, and the last rank
+    /// sends the finished chunk round to the others.
+    pub async fn reduce_parts(
+        &mut self,
+        parts: &[&[f32]],
+        out: &mut [f32],
+    ) -> Result<(), CollectiveError> {
+        if let Some(p) = parts.iter().find(|p| p.len() != out.len()) {
+            return Err(CollectiveError::Protocol(format!(
+                "a part of {} floats for a sum of {} floats",
+                p.len(),
+                out.len()
+            )));
+        }
+        let (rank, n, seq, cf) = self.start()?;
+        let (tx, rx) = self.links.as_mut().ok_or(CollectiveError::Broken)?;
+        let res =
+            run(self.config.timeout, reduce_parts(tx, rx, rank, n, seq, cf, parts, out)).await;
         self.finish(res)
     }
 
@@ -347,6 +381,96 @@ async fn all_reduce<S: RingSend, R: RingRecv>(
     tokio::try_join!(pump(rx, expected, qtx), work).map(|_| ())
 }
 
+/// `acc` (the sum so far, `None` before any part) plus each of `parts`' chunk `range`, in order.
+fn add_parts(
+    mut acc: Option<Vec<f32>>,
+    parts: &[&[f32]],
+    range: std::ops::Range<usize>,
+) -> Option<Vec<f32>> {
+    for p in parts {
+        let p = &p[range.clone()];
+        match &mut acc {
+            Some(a) => a.iter_mut().zip(p).for_each(|(a, x)| *a += x),
+            None => acc = Some(p.to_vec()),
+        }
+    }
+    acc
+}
+
+fn partial_message(tag: impl Fn(u8) -> Tag, acc: &Option<Vec<f32>>) -> Vec<u8> {
+    match acc {
+        Some(a) => encode(tag(PARTIAL), a),
+        None => encode(tag(PARTIAL_EMPTY), &[]),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn reduce_parts<S: RingSend, R: RingRecv>(
+    tx: &mut S,
+    rx: &mut R,
+    rank: usize,
+    n: usize,
+    seq: u32,
+    chunk_floats: usize,
+    parts: &[&[f32]],
+    out: &mut [f32],
+) -> Result<(), CollectiveError> {
+    let len = out.len();
+    if n == 1 {
+        match add_parts(None, parts, 0..len) {
+            Some(sum) => out.copy_from_slice(&sum),
+            None => out.fill(0.0),
+        }
+        return Ok(());
+    }
+    let k = chunk_count(len, chunk_floats);
+    let tag = |kind, i: usize| Tag { kind, seq, total: len as u64, chunk: i as u32 };
+    let last = n - 1;
+    let expected = if rank == 0 || rank == last { k } else { 2 * k };
+    let (qtx, mut q) = mpsc::unbounded_channel();
+    let work = async {
+        for i in 0..k {
+            let range = chunk_range(len, k, i);
+            let received = if rank == 0 {
+                None
+            } else {
+                let msg = next(&mut q).await?;
+                if msg.first() == Some(&PARTIAL_EMPTY) {
+                    check(&msg, tag(PARTIAL_EMPTY, i), 0)?;
+                    None
+                } else {
+                    Some(floats(check(&msg, tag(PARTIAL, i), range.len())?).collect())
+                }
+            };
+            let acc = add_parts(received, parts, range.clone());
+            if rank == last {
+                match &acc {
+                    Some(a) => out[range.clone()].copy_from_slice(a),
+                    None => out[range.clone()].fill(0.0),
+                }
+                tx.send_next(encode(tag(GATHER, i), &out[range])).await?;
+            } else {
+                tx.send_next(partial_message(|kind| tag(kind, i), &acc)).await?;
+            }
+        }
+        if rank != last {
+            for i in 0..k {
+                let range = chunk_range(len, k, i);
+                let msg = next(&mut q).await?;
+                let done = check(&msg, tag(GATHER, i), range.len())?;
+                for (b, v) in out[range].iter_mut().zip(floats(done)) {
+                    *b = v;
+                }
+                if rank + 2 != n {
+                    tx.send_next(msg).await?;
+                }
+            }
+        }
+        Ok(())
+    };
+    tokio::try_join!(pump(rx, expected, qtx), work).map(|_| ())
+}
+
 /// `pos` is this rank's distance from the root along the ring.
 async fn broadcast<S: RingSend, R: RingRecv>(
     tx: &mut S,
@@ -533,6 +657,90 @@ mod tests {
         for seed in 0..5 {
             check_all_reduce(100 + seed, &[37, 5000], &[1, 5, 1024]).await;
         }
+    }
+
+    /// `items` split over `n` ranks in contiguous blocks of the given sizes.
+    fn blocks(items: &[Vec<f32>], sizes: &[usize]) -> Vec<Vec<Vec<f32>>> {
+        let mut at = 0;
+        sizes
+            .iter()
+            .map(|&k| {
+                let block = items[at..at + k].to_vec();
+                at += k;
+                block
+            })
+            .collect()
+    }
+
+    /// Every split of a list of items over the ranks in contiguous blocks (ranks with none
+    /// included) reduces to the sequential fold of the list, bit for bit, on every rank.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+    async fn reduce_parts_is_the_item_order_fold_for_any_split() {
+        let mut rng = Rng(23);
+        let len = 1000;
+        let items: Vec<Vec<f32>> =
+            (0..6).map(|_| (0..len).map(|_| rng.float() * 1e3).collect()).collect();
+        let want = bits(&sequential(&items));
+        let splits: &[&[usize]] = &[
+            &[6],
+            &[3, 3],
+            &[0, 6],
+            &[6, 0],
+            &[2, 2, 2],
+            &[0, 3, 3],
+            &[1, 0, 5],
+            &[4, 2, 0],
+            &[1, 1, 1, 3],
+            &[0, 0, 0, 6],
+            &[2, 0, 0, 4, 0],
+        ];
+        for split in splits {
+            for cf in [1, 7, 256] {
+                let n = split.len();
+                let per_rank = blocks(&items, split);
+                let handles: Vec<_> = rings(n, config(cf), None)
+                    .into_iter()
+                    .zip(per_rank)
+                    .map(|(mut ring, mine)| {
+                        tokio::spawn(async move {
+                            let parts: Vec<&[f32]> = mine.iter().map(Vec::as_slice).collect();
+                            let mut out = vec![f32::NAN; len];
+                            let res = ring.reduce_parts(&parts, &mut out).await;
+                            (res, out)
+                        })
+                    })
+                    .collect();
+                for (r, h) in handles.into_iter().enumerate() {
+                    let (res, out) = h.await.unwrap();
+                    assert_eq!(res, Ok(()), "split {split:?} cf={cf} rank={r}");
+                    assert_eq!(bits(&out), want, "split {split:?} cf={cf} rank={r}");
+                }
+            }
+        }
+    }
+
+    /// No part anywhere gives zeros; a part of the wrong length is refused before any message.
+    #[tokio::test]
+    async fn reduce_parts_without_parts_is_zero_and_checks_lengths() {
+        let handles: Vec<_> = rings(3, config(2), None)
+            .into_iter()
+            .map(|mut ring| {
+                tokio::spawn(async move {
+                    let mut out = vec![f32::NAN; 5];
+                    let res = ring.reduce_parts(&[], &mut out).await;
+                    (res, out)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (res, out) = h.await.unwrap();
+            assert_eq!(res, Ok(()));
+            assert_eq!(out, vec![0.0; 5]);
+        }
+        let mut ring = rings(1, config(2), None).pop().unwrap();
+        let mut out = vec![0.0; 3];
+        let err = ring.reduce_parts(&[&[1.0, 2.0]], &mut out).await.unwrap_err();
+        assert!(err.to_string().contains("2 floats for a sum of 3"), "{err}");
     }
 
     /// The inputs above are order-sensitive: the reverse-order sum gives other bits, so the equality

@@ -108,7 +108,29 @@ impl Job {
         }
         let (reply, outcome) = oneshot::channel();
         self.coordinator
-            .send_message(CoordinatorMsg::Round { items, reply })
+            .send_message(CoordinatorMsg::Round { items, owners: None, reply })
+            .map_err(|_| gone())?;
+        self.rt.block_on(outcome).unwrap_or_else(|_| Err(gone()))
+    }
+
+    /// Runs one round whose items are pinned: each `(worker, item)` runs on the worker of that
+    /// name ([`Job::workers`]) and nowhere else, for work that needs its worker (a rank of a
+    /// collective among the workers). Results come in item order, as with [`Job::round`].
+    ///
+    /// Fails with [`ClusterError::PinnedWorkerLost`] when a named worker is not joined as the
+    /// round starts or is lost before its item is done (its items are not re-queued
+    /// elsewhere); otherwise as [`Job::round`].
+    pub fn round_pinned(
+        &mut self,
+        items: Vec<(String, Vec<u8>)>,
+    ) -> Result<RoundResults, ClusterError> {
+        if let Some((reason, _)) = &self.ended {
+            return Err(ClusterError::Aborted { reason: reason.clone() });
+        }
+        let (owners, items): (Vec<String>, Vec<Vec<u8>>) = items.into_iter().unzip();
+        let (reply, outcome) = oneshot::channel();
+        self.coordinator
+            .send_message(CoordinatorMsg::Round { items, owners: Some(owners), reply })
             .map_err(|_| gone())?;
         self.rt.block_on(outcome).unwrap_or_else(|_| Err(gone()))
     }

@@ -87,6 +87,7 @@
 mod coordinator;
 mod job;
 mod peer;
+pub mod ring_member;
 mod round;
 mod shard;
 pub mod wire;
@@ -329,6 +330,18 @@ pub enum ClusterError {
         worker: String,
         /// The executor's error.
         error: String,
+    },
+    /// A pinned round's worker ([`Job::round_pinned`]) was lost, or was not joined when the
+    /// round started, with items that only it may compute: the round failed, and the driver
+    /// re-plans with the workers left ([`Job::workers`]).
+    #[error("worker `{worker}` is gone with item(s) {items:?} of round {round}, pinned to it")]
+    PinnedWorkerLost {
+        /// The worker.
+        worker: String,
+        /// The round.
+        round: u64,
+        /// Its items without a result.
+        items: Vec<usize>,
     },
     /// The coordinator failed the run (or its driver ended the job with [`Job::abort`], or
     /// panicked) and told this worker to stop. To a driver: a round or broadcast asked for after

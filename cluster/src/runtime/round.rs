@@ -44,6 +44,9 @@ pub(crate) struct Round {
     started: Instant,
     /// With no worker live, the wait for one counts from here at the earliest.
     wait_from: Instant,
+    /// For a pinned round ([`super::Job::round_pinned`]): the one worker (by name) each item
+    /// may go to.
+    owners: Option<Vec<String>>,
 }
 
 impl Round {
@@ -66,6 +69,39 @@ impl Round {
             stale: 0,
             started: now,
             wait_from,
+            owners: None,
+        })
+    }
+
+    /// Pins item `i` to the worker named `owners[i]`: no other worker gets it, and the round
+    /// fails if that worker is lost before the item is done ([`Round::pinned_loss`]).
+    pub(crate) fn pinned(mut self, owners: Vec<String>) -> Self {
+        self.owners = Some(owners);
+        self
+    }
+
+    /// The first owner of a pinned round that is not among `live` (names), if any.
+    pub(crate) fn missing_owner<'a>(&'a self, live: &[String]) -> Option<&'a str> {
+        self.owners.as_ref()?.iter().find(|o| !live.contains(o)).map(String::as_str)
+    }
+
+    /// For a pinned round: the error that fails it because `key` was lost with an item that
+    /// only it may compute still undone; `None` otherwise. Call after [`Round::worker_lost`].
+    pub(crate) fn pinned_loss(&self, key: &MemberKey) -> Option<ClusterError> {
+        let owners = self.owners.as_ref()?;
+        let name = self.name_of(*key);
+        let done = self.executed.iter().map(|&n| n > 0);
+        let items: Vec<usize> = owners
+            .iter()
+            .zip(done)
+            .enumerate()
+            .filter(|(_, (o, done))| **o == name && !done)
+            .map(|(i, _)| i)
+            .collect();
+        (!items.is_empty()).then(|| ClusterError::PinnedWorkerLost {
+            worker: name,
+            round: self.number,
+            items,
         })
     }
 
@@ -94,7 +130,13 @@ impl Round {
     /// The next item for `key`, as (index, payload), or `None` when it holds its limit or
     /// nothing is queued.
     pub(crate) fn next_for(&mut self, key: &MemberKey, now: Instant) -> Option<(u64, Vec<u8>)> {
-        self.scheduler.next_for(key, now).map(|a| (a.id.0 as u64, a.payload.clone()))
+        let owners = self.owners.as_ref();
+        let name = owners.map(|_| self.name_of(*key));
+        let allowed = |id: ItemId| match (owners, &name) {
+            (Some(owners), Some(name)) => owners.get(id.0) == Some(name),
+            _ => true,
+        };
+        self.scheduler.next_for_where(key, now, allowed).map(|a| (a.id.0 as u64, a.payload.clone()))
     }
 
     /// A worker's result for item `item` of round `round`. A result of another round is
@@ -249,6 +291,43 @@ mod tests {
         }
         assert!(matches!(r.receive(key(4), 1, 9, Ok(vec![])), Received::Unknown));
         assert!(r.finish(t0).is_err(), "an unfinished round has no results");
+    }
+
+    /// A pinned item goes only to its worker, however free the others are; losing that worker
+    /// with the item undone names it and the item, and a worker not joined is reported.
+    #[test]
+    fn pinned_items_go_to_their_worker_only() {
+        let t0 = Instant::now();
+        let owners = vec!["b".to_string(), "a".to_string(), "b".to_string()];
+        let mut r = Round::new(7, items(7, 3), 2, t0, t0).unwrap().pinned(owners);
+        r.joined(key(0), "a");
+        r.joined(key(1), "b");
+        assert_eq!(r.missing_owner(&["a".into(), "b".into()]), None);
+        assert_eq!(r.missing_owner(&["a".into()]), Some("b"));
+        let (i, p) = r.next_for(&key(0), t0).unwrap();
+        assert_eq!(i, 1, "worker a gets its item, not the first queued one");
+        assert!(r.next_for(&key(0), t0).is_none(), "nothing else is a's");
+        assert!(matches!(r.receive(key(0), 7, i, Ok(out(&p))), Received::Stored));
+        assert!(r.pinned_loss(&key(0)).is_none());
+        let (i0, p0) = r.next_for(&key(1), t0).unwrap();
+        assert_eq!(i0, 0);
+        assert!(matches!(r.receive(key(1), 7, i0, Ok(out(&p0))), Received::Stored));
+        let _ = r.next_for(&key(1), t0).unwrap();
+        r.worker_lost(&key(1), t0, "killed");
+        match r.pinned_loss(&key(1)) {
+            Some(ClusterError::PinnedWorkerLost { worker, round, items }) => {
+                assert_eq!((worker.as_str(), round, items), ("b", 7, vec![2]));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(r.pinned_loss(&key(0)).is_none(), "a's items are done");
+        assert!(r.next_for(&key(0), t0).is_none(), "b's requeued item never goes to a");
+        // An unpinned round never fails on a loss.
+        let (mut u, t0) = round(1, 2);
+        u.joined(key(0), "a");
+        let _ = u.next_for(&key(0), t0);
+        u.worker_lost(&key(0), t0, "killed");
+        assert!(u.pinned_loss(&key(0)).is_none());
     }
 
     /// A lost worker's in-flight items are re-queued and computed by another; the loss is in

@@ -12,6 +12,7 @@
 
 pub mod checkpoint;
 pub mod construct;
+pub mod data_parallel;
 pub mod init;
 pub mod step;
 pub mod tta;

@@ -1,17 +1,28 @@
-//! One WE-MoE adaptation step as work items: for each task, its batch through the MoE model
-//! under the routers of that step, the entropy, and the routers' gradient. An item carries its
-//! step, task and dataset indices; the routers reach every worker as a broadcast state
-//! ([`RouterState`]) after each step's Adam update (and at the start), so any worker computes the
-//! same result for an item, and results fold in item order whoever computed them.
+//! One WE-MoE adaptation step as work: for each task, its batch through the MoE model under the
+//! routers of that step, the entropy, and the routers' gradient ([`StepItem`], run by
+//! [`RouterExecutor::run`]). A process computes a block of a step's items and the ring sums them
+//! across processes in item order, then every process applies the same Adam update when the
+//! driver commits the step (see [`super::data_parallel`]), so any process computes the same
+//! result for an item, and the sum does not depend on who computed what.
 
+use super::data_parallel::{
+    fold_parts, BlockResult, Hello, RouterBroadcast, RouterWork, RING_FAILED,
+};
 use crate::models::clip::encoder::LoadOptions;
 use crate::models::clip::{ClipVision, VisionConfig};
 use crate::tasks::set::TaskSet;
 use crate::tasks::zeroshot;
+use crate::tta::adam::{Adam, AdamConfig, AdamState};
 use crate::tta::entropy::entropy_loss;
 use crate::weights::{Scope, WeightMap};
 use anyhow::{bail, Context, Result};
+use fusion_cluster::runtime::ring_member::{outbound_ip, RingLayout, RingMember};
+use fusion_cluster::runtime::ClusterOptions;
 use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tch::{Kind, Tensor};
 
 /// One task's batch of one step.
@@ -37,19 +48,9 @@ pub struct StepResult {
     pub seconds: f64,
 }
 
-/// The routers every worker computes with from step `step` on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RouterState {
-    /// The step these routers are for (updates applied so far).
-    pub step: u64,
-    /// Every router tensor, flattened, in state-dict order (sent as raw little-endian bytes).
-    #[serde(with = "f32_bytes")]
-    pub values: Vec<f32>,
-}
-
 /// Millions of floats travel per step: as one byte string (length, then the bytes), not as a
 /// sequence of numbers each encoded on its own.
-mod f32_bytes {
+pub(crate) mod f32_bytes {
     use serde::{de, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
@@ -135,7 +136,20 @@ pub fn unflatten(values: &[f32], like: &[Tensor]) -> Result<Vec<Tensor>> {
         .collect())
 }
 
-/// Computes step items on one device; holds the MoE model and the routers of one step.
+/// The sum of a step's gradients a process holds until the step is committed: `(step, sum)`.
+pub type PendingSum = Arc<Mutex<Option<(u64, Vec<f32>)>>>;
+
+/// How a remote or networked executor joins the workers' ring.
+struct RingSetup {
+    name: String,
+    opts: ClusterOptions,
+    /// A remote worker's coordinator; `None` for the coordinator's own executor.
+    coordinator: Option<SocketAddr>,
+    member: Option<RingMember>,
+}
+
+/// Computes a process's block of each step on one device; holds the MoE model, the routers of
+/// one step and (on the CPU, the copy Adam updates) their Adam state.
 pub struct RouterExecutor {
     set: TaskSet,
     _map: WeightMap,
@@ -143,19 +157,26 @@ pub struct RouterExecutor {
     leaves: Vec<Tensor>,
     step: Option<u64>,
     /// The step of the last routers taken ([`u64::MAX`] before any), readable from outside.
-    seen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    seen: Arc<AtomicU64>,
     small: bool,
+    /// The routers on the CPU, and their Adam states.
+    params: Vec<Tensor>,
+    adams: Vec<Adam>,
+    adam: AdamConfig,
+    pending: PendingSum,
+    ring: Option<RingSetup>,
 }
 
 impl RouterExecutor {
     /// An executor over the MoE state dict `map` (its routers become this executor's leaves)
-    /// on the task set's device.
+    /// on the task set's device, updating the routers with Adam of `adam`.
     pub fn new(
         set: TaskSet,
         map: WeightMap,
         shared: bool,
         options: LoadOptions,
         config: &VisionConfig,
+        adam: AdamConfig,
     ) -> Result<Self> {
         let mut map = map.to_device(set.device);
         let leaves = router_leaves(&mut map, shared);
@@ -167,8 +188,38 @@ impl RouterExecutor {
         .context("the WE-MoE model")?;
         let small = map.numel() < crate::methods::adamerging::step::SMALL_MODEL
             && set.device == tch::Device::Cpu;
-        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-        Ok(Self { set, _map: map, vision, leaves, step: None, seen, small })
+        let seen = Arc::new(AtomicU64::new(u64::MAX));
+        let params: Vec<Tensor> =
+            leaves.iter().map(|t| t.detach().to_device(tch::Device::Cpu).copy()).collect();
+        let adams = params.iter().map(|p| Adam::new(adam, &p.size())).collect();
+        let pending = Arc::new(Mutex::new(None));
+        Ok(Self {
+            set,
+            _map: map,
+            vision,
+            leaves,
+            step: None,
+            seen,
+            small,
+            params,
+            adams,
+            adam,
+            pending,
+            ring: None,
+        })
+    }
+
+    /// This executor joins the workers' ring as `name` of the job of `opts`: a remote worker
+    /// of the coordinator at `coordinator`, or (`None`) the coordinator's own executor. Without
+    /// it the executor computes alone.
+    pub fn with_ring(
+        mut self,
+        name: &str,
+        opts: ClusterOptions,
+        coordinator: Option<SocketAddr>,
+    ) -> Self {
+        self.ring = Some(RingSetup { name: name.to_string(), opts, coordinator, member: None });
+        self
     }
 
     /// The router tensors (leaves), in state-dict order.
@@ -178,20 +229,140 @@ impl RouterExecutor {
 
     /// The step of the last routers this executor took ([`u64::MAX`] before any), shared: it
     /// stays readable once the executor is handed to the runtime.
-    pub fn step_seen(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    pub fn step_seen(&self) -> Arc<AtomicU64> {
         self.seen.clone()
     }
 
-    /// Takes the routers of `state`.
-    pub fn set_routers(&mut self, state: &RouterState) -> Result<()> {
-        let values = unflatten(&state.values, &self.leaves)?;
+    /// The sum this executor holds between a step and its commit, shared (the driver reads it
+    /// from the coordinator's own executor for its copy of the update).
+    pub fn pending_sum(&self) -> PendingSum {
+        self.pending.clone()
+    }
+
+    fn take_routers(&mut self, step: u64) {
         let _guard = tch::no_grad_guard();
-        for (leaf, v) in self.leaves.iter_mut().zip(&values) {
-            leaf.copy_(v);
+        for (leaf, p) in self.leaves.iter_mut().zip(&self.params) {
+            leaf.copy_(p);
         }
-        self.step = Some(state.step);
-        self.seen.store(state.step, std::sync::atomic::Ordering::SeqCst);
+        self.step = Some(step);
+        self.seen.store(step, Ordering::SeqCst);
+    }
+
+    /// Starts again from the routers and Adam's state of a [`RouterBroadcast::Full`], dropping
+    /// any sum held.
+    fn restart(&mut self, full: RouterBroadcast) -> Result<()> {
+        let RouterBroadcast::Full { step, values, adam_steps, exp_avg, exp_avg_sq } = full else {
+            bail!("not a full state");
+        };
+        let n: usize = self.params.iter().map(|t| t.numel()).sum();
+        if exp_avg.len() != n || exp_avg_sq.len() != n {
+            bail!(
+                "Adam's state has {} and {} values for routers of {n}",
+                exp_avg.len(),
+                exp_avg_sq.len()
+            );
+        }
+        let params = unflatten(&values, &self.params)?;
+        let mut at = 0;
+        let mut adams = Vec::with_capacity(params.len());
+        for p in &params {
+            let k = p.numel();
+            let state = AdamState {
+                step: adam_steps,
+                exp_avg: exp_avg[at..at + k].to_vec(),
+                exp_avg_sq: exp_avg_sq[at..at + k].to_vec(),
+            };
+            at += k;
+            adams.push(Adam::restore(self.adam, &p.size(), &state).context("Adam's state")?);
+        }
+        self.params = params;
+        self.adams = adams;
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.take_routers(step);
         Ok(())
+    }
+
+    /// Applies the held sum of step `step − 1` with Adam: the routers of step `step`.
+    fn commit(&mut self, step: u64) -> Result<()> {
+        let held = self.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let sum = match (held, self.step) {
+            (Some((s, sum)), Some(at)) if s == at && s + 1 == step => sum,
+            (held, at) => bail!(
+                "step {step} committed, but this process holds the sum of step {:?} with the \
+                 routers of step {at:?}",
+                held.map(|(s, _)| s)
+            ),
+        };
+        let grads = unflatten(&sum, &self.params)?;
+        for ((p, a), g) in self.params.iter_mut().zip(&mut self.adams).zip(&grads) {
+            a.step(p, g);
+        }
+        self.take_routers(step);
+        Ok(())
+    }
+
+    /// Binds this process's ring endpoint (once) and says where it is.
+    fn hello(&mut self) -> Result<Hello> {
+        let setup = self.ring.as_mut().context("this executor has no ring (it computes alone)")?;
+        let v4 = setup.coordinator.is_none_or(|c| c.is_ipv4());
+        let any: IpAddr =
+            if v4 { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+        if setup.member.is_none() {
+            let member = RingMember::bind(any, &setup.name, &setup.opts)
+                .with_context(|| format!("worker `{}`: the ring endpoint", setup.name))?;
+            setup.member = Some(member);
+        }
+        let port = setup.member.as_ref().map_or(0, |m| m.addr().port());
+        let remote = match setup.coordinator {
+            Some(c) => Some((
+                outbound_ip(c).with_context(|| format!("the local address towards {c}"))?,
+                c.ip(),
+            )),
+            None => None,
+        };
+        Ok(Hello { port, remote })
+    }
+
+    /// Rank `rank`'s block of step `step`: its items' gradients, summed with every other rank's
+    /// in item order (over the ring of `layout`; alone without one), held until the commit.
+    fn block(
+        &mut self,
+        layout: Option<&RingLayout>,
+        rank: usize,
+        step: u64,
+        mine: &[StepItem],
+    ) -> Result<BlockResult> {
+        if self.step != Some(step) {
+            bail!("step {step}'s items reached the routers of step {:?}", self.step);
+        }
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let started = Instant::now();
+        let results = mine.iter().map(|item| self.run(item)).collect::<Result<Vec<_>>>()?;
+        let compute_seconds = started.elapsed().as_secs_f64();
+        let parts: Vec<&[f32]> = results.iter().map(|r| r.grad.as_slice()).collect();
+        let n: usize = self.params.iter().map(|t| t.numel()).sum();
+        let started = Instant::now();
+        let sum = match layout {
+            None => fold_parts(&parts, n),
+            Some(layout) => {
+                let member =
+                    self.ring.as_mut().and_then(|r| r.member.as_mut()).context(
+                        "a ring step before this process said where its ring endpoint is",
+                    )?;
+                let mut out = vec![0f32; n];
+                member
+                    .reduce_parts(layout, rank, &parts, &mut out)
+                    .map_err(|e| anyhow::anyhow!("{RING_FAILED}{e}"))?;
+                out
+            }
+        };
+        let reduce_seconds = started.elapsed().as_secs_f64();
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some((step, sum));
+        Ok(BlockResult {
+            losses: results.iter().map(|r| r.loss).collect(),
+            compute_seconds,
+            reduce_seconds,
+        })
     }
 
     /// Runs one item: the task's batch, its entropy, the routers' gradient. A small model (under
@@ -228,29 +399,31 @@ impl RouterExecutor {
 
 impl fusion_cluster::runtime::Executor for RouterExecutor {
     fn execute(&mut self, item: &[u8]) -> std::result::Result<Vec<u8>, String> {
-        let item: StepItem = fusion_cluster::codec::decode(item).map_err(|e| e.to_string())?;
-        let result = self.run(&item).map_err(|e| format!("{e:#}"))?;
-        fusion_cluster::codec::encode(&result).map_err(|e| e.to_string())
+        let work: RouterWork = fusion_cluster::codec::decode(item).map_err(|e| e.to_string())?;
+        let encoded = match work {
+            RouterWork::Hello => {
+                let hello = self.hello().map_err(|e| format!("{e:#}"))?;
+                fusion_cluster::codec::encode(&hello)
+            }
+            RouterWork::Step { layout, rank, step, mine } => {
+                let result = self
+                    .block(layout.as_ref(), rank as usize, step, &mine)
+                    .map_err(|e| format!("{e:#}"))?;
+                fusion_cluster::codec::encode(&result)
+            }
+        };
+        encoded.map_err(|e| e.to_string())
     }
 
     fn on_broadcast(&mut self, state: &[u8]) -> std::result::Result<(), String> {
-        let state: RouterState = fusion_cluster::codec::decode(state).map_err(|e| e.to_string())?;
-        self.set_routers(&state).map_err(|e| format!("{e:#}"))
-    }
-}
-
-/// `Σ` of the items' gradients in item order (float32, as `backward` per task accumulates them).
-pub fn fold(results: &[StepResult]) -> Vec<f32> {
-    let mut total = match results.first() {
-        Some(r) => r.grad.clone(),
-        None => return Vec::new(),
-    };
-    for r in &results[1..] {
-        for (a, g) in total.iter_mut().zip(&r.grad) {
-            *a += g;
+        let state: RouterBroadcast =
+            fusion_cluster::codec::decode(state).map_err(|e| e.to_string())?;
+        match state {
+            RouterBroadcast::Commit { step } => self.commit(step),
+            full => self.restart(full),
         }
+        .map_err(|e| format!("{e:#}"))
     }
-    total
 }
 
 #[cfg(test)]
@@ -258,11 +431,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gradients_fold_in_item_order_and_routers_round_trip() {
-        let r = |g: &[f32]| StepResult { loss: 0.0, grad: g.to_vec(), seconds: 0.0 };
-        assert_eq!(fold(&[r(&[1.0, 2.0]), r(&[0.5, -1.0]), r(&[0.25, 0.0])]), vec![1.75, 1.0]);
-        // float32 and left to right: (1e8 + 1) - 1e8 is 0 in float32, not 1.
-        assert_eq!(fold(&[r(&[1e8]), r(&[1.0]), r(&[-1e8])]), vec![0.0]);
+    fn routers_flatten_and_travel_bit_for_bit() {
         let like = [
             Tensor::zeros([2, 2], (Kind::Float, tch::Device::Cpu)),
             Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)),
@@ -272,14 +441,20 @@ mod tests {
         assert_eq!(back[0].size(), vec![2, 2]);
         assert_eq!(flatten(&back), v);
         assert!(unflatten(&v[..6], &like).is_err());
-        // Through the wire codec, bit for bit (a NaN's payload and -0.0 included).
+        // Through the wire codec, bit for bit (a NaN's payload and -0.0 included), as raw bytes.
         let odd = vec![1.5f32, -0.0, f32::from_bits(0x7fc0_1234), f32::MIN_POSITIVE];
-        let state = RouterState { step: 3, values: odd.clone() };
-        let back: RouterState =
+        let state = RouterBroadcast::Full {
+            step: 3,
+            values: odd.clone(),
+            adam_steps: 3,
+            exp_avg: odd.clone(),
+            exp_avg_sq: vec![0.0; 4],
+        };
+        let back: RouterBroadcast =
             fusion_cluster::codec::decode(&fusion_cluster::codec::encode(&state).unwrap()).unwrap();
-        assert_eq!(back.step, 3);
+        let RouterBroadcast::Full { step: 3, values, .. } = back else { panic!("{back:?}") };
         assert_eq!(
-            back.values.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            values.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
             odd.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
         );
         let bytes = fusion_cluster::codec::encode(&StepResult {

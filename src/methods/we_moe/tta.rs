@@ -1,12 +1,14 @@
 //! WE-MoE's test-time adaptation (FusionBench's `WeightEnsemblingMoEAlgorithm.test_time_adaptation`),
 //! data-parallel on the cluster runtime: per step, one item per task in pool order (its batch of
 //! the shuffled, endlessly reshuffled test split, [`Loaders`] replaying FusionBench's with
-//! `seed`), computed by whichever worker ([`RouterExecutor`]); the items' router gradients
-//! folded in item order (float32, as `backward` per task accumulates them with
+//! `seed`); the items split over the job's processes in contiguous blocks, each process
+//! computing its block ([`RouterExecutor`]) and the ring between them summing the router
+//! gradients in item order (float32, as `backward` per task accumulates them with
 //! `use_grad_accumulate`; FusionBench's other mode backpropagates the summed losses once, the
-//! same gradient up to rounding); one Adam step (torch's defaults, `lr`) per router tensor on the
-//! coordinator; the new routers broadcast to every worker. The trajectory does not depend on how
-//! many processes computed it.
+//! same gradient up to rounding); then every process applies the same Adam step (torch's
+//! defaults, `lr`) per router tensor ([`super::data_parallel`]). The trajectory does not depend
+//! on how many processes computed it, nor on a process lost on the way (the step is recomputed
+//! on a ring of the processes left).
 //!
 //! The state (routers, Adam's moments, step, loaders, losses) is checkpointed atomically under
 //! `path.cache_dir/tta/` every `+method.checkpoint_every_steps` (50) steps or
@@ -14,8 +16,9 @@
 //! SIGTERM/SIGUSR2 (then the process exits 143); the same command resumes from it.
 
 use super::construct::Layout;
+use super::data_parallel::{self, BlockResult, Hello, RouterBroadcast, RouterWork, RING_FAILED};
 use super::init::normal_draws;
-use super::step::{fold, unflatten, RouterExecutor, RouterState, StepItem, StepResult};
+use super::step::{unflatten, RouterExecutor, StepItem};
 use super::WeMoeConfig;
 use crate::methods::RunContext;
 use crate::models::clip::encoder::LoadOptions;
@@ -25,6 +28,7 @@ use crate::tta::adam::{Adam, AdamConfig, AdamState};
 use crate::tta::loaders::Loaders;
 use crate::weights::{WeightMap, WeightSource};
 use anyhow::{bail, Context, Result};
+use fusion_cluster::runtime::{ring_member::RingLayout, ClusterError, Job};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,12 +58,12 @@ fn options(c: &WeMoeConfig) -> LoadOptions {
     LoadOptions { routing: if c.batch_reduce { Routing::Batch } else { Routing::PerSample } }
 }
 
-/// Cluster options with frames large enough for a gradient or the routers (`floats` of them).
+/// Cluster options with frames large enough for the routers and Adam's state (`floats` each).
 fn cluster_options(
     mut o: fusion_cluster::runtime::ClusterOptions,
     floats: usize,
 ) -> fusion_cluster::runtime::ClusterOptions {
-    let need = floats * 4 + (1 << 20);
+    let need = 3 * floats * 4 + (1 << 20);
     o.transport.max_frame_len = o.transport.max_frame_len.max(need);
     o
 }
@@ -205,20 +209,22 @@ pub fn adapt(
     // The zero-shot heads' CLIPModel is the last model FusionBench loads before its loaders.
     let skip = draws + normal_draws(layout.hidden as u64)?;
     let lens: Vec<usize> = set.tasks.iter().map(|t| t.data.len()).collect();
+    let cfg = AdamConfig::with_lr(c.lr);
     let local = RouterExecutor::new(
         set,
         map.shallow_clone(),
         c.shared_gate,
         options(c),
         ctx.pool.config(),
+        cfg,
     )?;
+    let pending = local.pending_sum();
     let initial: Vec<Tensor> = local.leaves().iter().map(|t| t.detach().copy()).collect();
     let floats: usize = initial.iter().map(|t| t.numel()).sum();
     let state_file =
         ctx.program.path.cache_dir.as_ref().map(|d| {
             PathBuf::from(d).join("tta").join(format!("wemoe-{}.safetensors", &key[..32]))
         });
-    let cfg = AdamConfig::with_lr(c.lr);
     let resumed = match &state_file {
         Some(f) => resume(f, &key, c, &initial)?,
         None => None,
@@ -242,6 +248,12 @@ pub fn adapt(
         None => (None, fusion_cluster::runtime::ClusterOptions::new("local", std::env::temp_dir())),
     };
     let opts = cluster_options(opts, floats);
+    let local = match listen {
+        Some(_) => {
+            local.with_ring(&fusion_cluster::runtime::local_worker_name(0), opts.clone(), None)
+        }
+        None => local,
+    };
     let method = method_name(c);
     let bar = crate::progress::bar(method, c.max_steps as usize, "steps");
     bar.inc(step);
@@ -287,33 +299,86 @@ pub fn adapt(
             tracing::info!(%addr, job = %job_name, "coordinator listening: workers join with --join")
         },
         |job| -> Result<usize> {
-            let broadcast = |job: &mut fusion_cluster::runtime::Job, step: u64, params: &[Tensor]| -> Result<()> {
-                let state = RouterState { step, values: super::step::flatten(params) };
-                job.broadcast(fusion_cluster::codec::encode(&state)?).context("sending the routers to the workers")
-            };
-            broadcast(job, step, &latest.lock().unwrap_or_else(|e| e.into_inner()).params)?;
+            let mut ring: Option<Generation> = None;
+            let mut generation = 0u64;
+            let mut failures = 0usize;
+            // A step's batches, drawn once: a step recomputed after a loss uses the same ones.
+            let mut drawn: Option<Vec<StepItem>> = None;
             let mut last_save = std::time::Instant::now();
-            let (mut round_seconds, mut compute_seconds) = (0f64, 0f64);
+            let (mut round_seconds, mut compute_seconds, mut reduce_seconds) = (0f64, 0f64, 0f64);
             while step < c.max_steps {
-                let items: Vec<Vec<u8>> = (0..names.len())
-                    .map(|t| {
-                        let indices = loaders.next_batch(t).indices.iter().map(|&i| i as u32).collect();
-                        fusion_cluster::codec::encode(&StepItem { step, task: t as u32, indices })
+                let procs = ranked(job.workers())?;
+                if ring.as_ref().is_none_or(|g| g.names != procs) {
+                    generation += 1;
+                    let full = {
+                        let b = latest.lock().unwrap_or_else(|e| e.into_inner());
+                        let states: Vec<AdamState> = b.adams.iter().map(Adam::state).collect();
+                        let full = RouterBroadcast::full(step, super::step::flatten(&b.params), &states);
+                        fusion_cluster::codec::encode(&full)?
+                    };
+                    match form_generation(job, procs, generation, step, full) {
+                        Ok(g) => ring = Some(g),
+                        Err(e) => {
+                            retry(e, step, &mut failures)?;
+                            continue;
+                        }
+                    }
+                }
+                let g = ring.as_ref().expect("formed above");
+                let items = drawn.get_or_insert_with(|| {
+                    (0..names.len())
+                        .map(|t| StepItem {
+                            step,
+                            task: t as u32,
+                            indices: loaders.next_batch(t).indices.iter().map(|&i| i as u32).collect(),
+                        })
+                        .collect()
+                });
+                let work = data_parallel::blocks(items.len(), g.names.len())
+                    .into_iter()
+                    .enumerate()
+                    .map(|(rank, range)| {
+                        let w = RouterWork::Step {
+                            layout: g.layout.clone(),
+                            rank: rank as u32,
+                            step,
+                            mine: items[range].to_vec(),
+                        };
+                        Ok((g.names[rank].clone(), fusion_cluster::codec::encode(&w)?))
                     })
-                    .collect::<std::result::Result<_, _>>()?;
-                let round = job.round(items).with_context(|| format!("step {step}"))?;
+                    .collect::<Result<Vec<_>>>()?;
+                let round = match job.round_pinned(work) {
+                    Ok(round) => round,
+                    Err(e) => {
+                        ring = None;
+                        retry(e, step, &mut failures)?;
+                        continue;
+                    }
+                };
+                failures = 0;
+                drawn = None;
                 round_seconds += round.summary.elapsed.as_secs_f64();
-                let results: Vec<StepResult> = round
+                let results: Vec<BlockResult> = round
                     .results
                     .iter()
                     .map(|r| fusion_cluster::codec::decode(r))
                     .collect::<std::result::Result<_, _>>()?;
-                let busy = round.summary.per_worker.iter().filter(|(_, n)| *n > 0).count().max(1);
-                compute_seconds += results.iter().map(|r| r.seconds).sum::<f64>() / busy as f64;
-                let loss: f64 = results.iter().map(|r| r.loss as f64).sum();
+                compute_seconds += results.iter().map(|r| r.compute_seconds).fold(0.0, f64::max);
+                // The rank that reached the reduction last waited for nobody: its time is the
+                // reduction's own (the others' include waiting for the slower ranks' items).
+                let reduce = results.iter().map(|r| r.reduce_seconds).fold(f64::INFINITY, f64::min);
+                let reduce = if reduce.is_finite() { reduce } else { 0.0 };
+                reduce_seconds += reduce;
+                let loss: f64 = results.iter().flat_map(|r| &r.losses).map(|&l| l as f64).sum();
                 let mut guard = latest.lock().unwrap_or_else(|e| e.into_inner());
                 let b = &mut *guard;
-                let grads = unflatten(&fold(&results), &b.params)?;
+                let grads = {
+                    let held = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    match held.as_ref() {
+                        Some((s, sum)) if *s == step => unflatten(sum, &b.params)?,
+                        _ => bail!("step {step}: this process holds no summed gradient of it"),
+                    }
+                };
                 for ((p, a), g) in b.params.iter_mut().zip(&mut b.adams).zip(&grads) {
                     a.step(p, g);
                 }
@@ -334,11 +399,12 @@ pub fn adapt(
                 }
                 // After the last step too: the workers keep the trained routers and go on to
                 // evaluate the trained model.
-                broadcast(job, step, &b.params)?;
+                job.broadcast(fusion_cluster::codec::encode(&RouterBroadcast::Commit { step })?)
+                    .context("committing the step on the workers")?;
                 drop(guard);
                 bar.set_message(format!("loss {loss:.4}"));
                 bar.inc(1);
-                tracing::debug!(step, loss, "step");
+                tracing::debug!(step, loss, reduce_seconds = reduce, "step");
             }
             let done = (step - first).max(1) as f64;
             tracing::info!(
@@ -347,6 +413,9 @@ pub fn adapt(
                 seconds_per_step = started.elapsed().as_secs_f64() / done,
                 round_seconds,
                 compute_seconds,
+                reduce_seconds,
+                reduce_seconds_per_step = reduce_seconds / done,
+                generations = generation,
                 exchange_share = if round_seconds > 0.0 { (1.0 - compute_seconds / round_seconds).max(0.0) } else { 0.0 },
                 "test-time adaptation loop"
             );
@@ -363,6 +432,77 @@ pub fn adapt(
     bar.finish_and_clear();
     tracing::info!(rounds = summary.rounds.len(), workers = ?summary.per_worker, lost = summary.lost.len(), "test-time adaptation done");
     Ok((with_routers(map, &params, c.shared_gate), remote))
+}
+
+/// One generation of the workers' ring: its processes by rank and their ring addresses
+/// (`None`: the coordinator's executor alone).
+struct Generation {
+    names: Vec<String>,
+    layout: Option<RingLayout>,
+}
+
+/// Consecutive failed attempts at a step (each a lost or joining process) before the run fails.
+const MAX_RETRIES: usize = 20;
+
+/// The job's processes in rank order: this process's own executor first, then the remote
+/// workers in joining order.
+fn ranked(mut names: Vec<String>) -> Result<Vec<String>> {
+    let local = fusion_cluster::runtime::local_worker_name(0);
+    let at = names
+        .iter()
+        .position(|n| *n == local)
+        .context("the coordinator's own executor is not in the job")?;
+    let me = names.remove(at);
+    names.insert(0, me);
+    Ok(names)
+}
+
+/// Forms ring generation `generation` of the processes `names`: asks each where its ring
+/// endpoint is, then hands every process `full`, the routers and Adam's state of step `step`
+/// (an encoded [`RouterBroadcast::Full`]).
+fn form_generation(
+    job: &mut Job,
+    names: Vec<String>,
+    generation: u64,
+    step: u64,
+    full: Vec<u8>,
+) -> std::result::Result<Generation, ClusterError> {
+    let codec = |e: fusion_cluster::codec::CodecError| ClusterError::Runtime(e.to_string());
+    let layout = if names.len() > 1 {
+        let hello = fusion_cluster::codec::encode(&RouterWork::Hello).map_err(codec)?;
+        let round = job.round_pinned(names.iter().map(|n| (n.clone(), hello.clone())).collect())?;
+        let hellos: Vec<Hello> = round
+            .results
+            .iter()
+            .map(|r| fusion_cluster::codec::decode(r))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(codec)?;
+        data_parallel::layout(generation, &hellos)
+            .map_err(|e| ClusterError::Runtime(format!("{e:#}")))?
+    } else {
+        None
+    };
+    job.broadcast(full)?;
+    tracing::info!(generation, processes = ?names, step, "router training: ring generation");
+    Ok(Generation { names, layout })
+}
+
+/// A failed step or ring formation: `Ok` (try again on the processes left) when a process was
+/// lost or the ring broke, up to [`MAX_RETRIES`] times in a row; the error otherwise.
+fn retry(e: ClusterError, step: u64, failures: &mut usize) -> Result<()> {
+    let lost = match &e {
+        ClusterError::PinnedWorkerLost { .. } => true,
+        ClusterError::ItemFailed { error, .. } => error.contains(RING_FAILED),
+        _ => false,
+    };
+    *failures += 1;
+    if !lost || *failures > MAX_RETRIES {
+        return Err(anyhow::Error::new(e).context(format!("step {step}")));
+    }
+    tracing::warn!(step, attempt = *failures, error = %e, "a process was lost: the step runs again on a new ring");
+    // Give the coordinator time to see the loss before the next attempt looks at the workers.
+    std::thread::sleep(std::time::Duration::from_millis(200 * (*failures as u64).min(10)));
+    Ok(())
 }
 
 /// `map` with its router tensors replaced by `params` (state-dict order; a shared router once).
@@ -400,13 +540,16 @@ pub fn work(
     coordinator: std::net::SocketAddr,
 ) -> Result<Option<Vec<Tensor>>> {
     let set = tasks(c, ctx)?;
-    let executor = RouterExecutor::new(set, map, c.shared_gate, options(c), ctx.pool.config())?;
+    let cfg = AdamConfig::with_lr(c.lr);
+    let executor =
+        RouterExecutor::new(set, map, c.shared_gate, options(c), ctx.pool.config(), cfg)?;
     let floats: usize = executor.leaves().iter().map(|t| t.numel()).sum();
     // The executor updates its routers in place: these views see the last state it took.
     let routers: Vec<Tensor> = executor.leaves().iter().map(Tensor::shallow_clone).collect();
     let last_step = executor.step_seen();
     let name = ctx.launch.worker_name();
     let opts = cluster_options(ctx.launch.options_for(ctx.program), floats);
+    let executor = executor.with_ring(&name, opts.clone(), Some(coordinator));
     let summary =
         fusion_cluster::runtime::run_worker(coordinator, &name, Box::new(executor), &opts)
             .with_context(|| {

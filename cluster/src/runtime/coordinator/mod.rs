@@ -78,6 +78,8 @@ pub(crate) enum CoordinatorMsg {
     Round {
         /// The round's items, in result order.
         items: Vec<Vec<u8>>,
+        /// For a pinned round: the worker (by name) each item must run on.
+        owners: Option<Vec<String>>,
         /// Where the round's outcome goes.
         reply: RoundReply,
     },
@@ -288,7 +290,9 @@ impl Actor for Coordinator {
                     }
                 }
             }
-            CoordinatorMsg::Round { items, reply } => state.start_round(items, reply, now),
+            CoordinatorMsg::Round { items, owners, reply } => {
+                state.start_round(items, owners, reply, now)
+            }
             CoordinatorMsg::Broadcast(blob) => {
                 if !state.over {
                     debug!(bytes = blob.len(), workers = state.workers.len(), "broadcast");

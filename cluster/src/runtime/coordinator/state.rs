@@ -44,7 +44,13 @@ impl CoordinatorState {
             .map_or_else(|| format!("{key:?}"), |(_, name, _)| name.clone())
     }
 
-    pub(super) fn start_round(&mut self, items: Vec<Vec<u8>>, reply: RoundReply, now: Instant) {
+    pub(super) fn start_round(
+        &mut self,
+        items: Vec<Vec<u8>>,
+        owners: Option<Vec<String>>,
+        reply: RoundReply,
+        now: Instant,
+    ) {
         if self.over || self.round.is_some() {
             let why = if self.over { "the job is over" } else { "a round is already running" };
             let _ = reply.send(Err(ClusterError::Runtime(format!("cannot start a round: {why}"))));
@@ -56,9 +62,25 @@ impl CoordinatorState {
         let wait_from = if number == 1 { self.started } else { now };
         let n = items.len();
         match Round::new(number, items, self.opts.in_flight_per_worker, now, wait_from) {
-            Ok(mut round) => {
+            Ok(round) => {
+                let mut round = match owners {
+                    Some(owners) => round.pinned(owners),
+                    None => round,
+                };
                 for key in self.workers.keys() {
                     round.joined(*key, &self.name_of(*key));
+                }
+                let live: Vec<String> = self.workers.keys().map(|k| self.name_of(*k)).collect();
+                if let Some(worker) = round.missing_owner(&live) {
+                    let e = ClusterError::PinnedWorkerLost {
+                        worker: worker.to_string(),
+                        round: number,
+                        items: Vec::new(),
+                    };
+                    info!(round = number, error = %e, "round not started");
+                    self.rounds_failed += 1;
+                    let _ = reply.send(Err(e));
+                    return;
                 }
                 info!(round = number, items = n, workers = self.workers.len(), "round started");
                 self.last_progress = now;
@@ -133,6 +155,9 @@ impl CoordinatorState {
             self.empty_since = Some(now);
         }
         self.publish_names();
+        if let Some(e) = self.round.as_ref().and_then(|a| a.round.pinned_loss(&key)) {
+            self.fail_round(e);
+        }
     }
 
     pub(super) fn log_progress(&mut self, now: Instant) {

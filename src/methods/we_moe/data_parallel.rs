@@ -1,0 +1,220 @@
+//! Data-parallel router training over a ring of the job's processes.
+//!
+//! Each step's items (one batch per task, in pool order) are split into contiguous blocks, one
+//! per process in rank order (the coordinator's own executor is rank 0, the remote workers follow
+//! in joining order). Every process computes its block's router gradients, and the ring sums all
+//! of them in item order ([`fusion_cluster::collectives::Ring::reduce_parts`]): the sequential
+//! float32 fold of the items' gradients, the same bits for any number of processes and any
+//! split. Every process then holds the step's gradient and, once the driver commits the step,
+//! applies the same Adam update (on the CPU, so every process keeps the same bits whatever its
+//! device). Per step, only a few bytes go to and from the coordinator; the gradients travel
+//! between neighbours (each process sends about twice the router size).
+//!
+//! A step runs as one pinned round ([`fusion_cluster::runtime::Job::round_pinned`]). The ring of a
+//! set of processes is one generation: the driver asks each process for its ring port
+//! ([`RouterWork::Hello`]), hands every one the layout with its step item, and broadcasts the
+//! routers and Adam's state ([`RouterBroadcast::Full`]) so every process starts the generation
+//! from the driver's state. When a process is lost, or joins, the step fails or the membership
+//! changed; the driver forms a new generation with the processes left and recomputes the step
+//! from the last committed state (a rank that had already summed it drops that sum).
+//!
+//! Alone (no remote worker) the executor folds its items itself: no ring, no network.
+
+use super::step::{f32_bytes, StepItem};
+use crate::tta::adam::AdamState;
+use fusion_cluster::runtime::ring_member::RingLayout;
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, SocketAddr};
+
+/// What an executor's error says when its ring failed (a rank was lost): the driver re-forms the
+/// ring and recomputes the step instead of failing the run.
+pub const RING_FAILED: &str = "worker ring failed: ";
+
+/// An item of the router training's rounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RouterWork {
+    /// Bind this process's ring endpoint (once) and say where it is ([`Hello`]).
+    Hello,
+    /// Rank `rank` of `layout`: compute `mine` (a contiguous block of step `step`'s items, in
+    /// item order), sum every rank's gradients over the ring, and hold the sum until the driver
+    /// commits the step ([`RouterBroadcast::Commit`]). Answered with a [`BlockResult`].
+    Step {
+        /// The ring's processes (`None`: this process computes alone).
+        layout: Option<RingLayout>,
+        /// This process's rank.
+        rank: u32,
+        /// The step (the routers must be those of this step).
+        step: u64,
+        /// This rank's items.
+        mine: Vec<StepItem>,
+    },
+}
+
+/// A process's answer to [`RouterWork::Hello`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The ring endpoint's port (bound on every interface).
+    pub port: u16,
+    /// A remote worker: its address towards the coordinator, and the coordinator's address as
+    /// it reaches it (where the other processes reach the coordinator's ring endpoint).
+    pub remote: Option<(IpAddr, IpAddr)>,
+}
+
+/// A rank's answer to [`RouterWork::Step`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockResult {
+    /// Each of its items' entropy, in item order.
+    pub losses: Vec<f32>,
+    /// Seconds computing the items.
+    pub compute_seconds: f64,
+    /// Seconds in the ring's reduction (including waiting for the ranks before it).
+    pub reduce_seconds: f64,
+}
+
+/// What the driver broadcasts to every executor of the router training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RouterBroadcast {
+    /// The routers and Adam's state at step `step`: every executor (re)starts from them and
+    /// drops any sum it holds.
+    Full {
+        /// Updates applied so far.
+        step: u64,
+        /// Every router tensor, flattened, in state-dict order.
+        #[serde(with = "f32_bytes")]
+        values: Vec<f32>,
+        /// Adam's steps taken.
+        adam_steps: u64,
+        /// Adam's first moments, flattened like `values`.
+        #[serde(with = "f32_bytes")]
+        exp_avg: Vec<f32>,
+        /// Adam's second moments, flattened like `values`.
+        #[serde(with = "f32_bytes")]
+        exp_avg_sq: Vec<f32>,
+    },
+    /// Every rank holds the sum of step `step − 1`: apply Adam with it, reaching step `step`.
+    Commit {
+        /// The step reached.
+        step: u64,
+    },
+}
+
+impl RouterBroadcast {
+    /// [`RouterBroadcast::Full`] from per-tensor Adam states (flattened in tensor order).
+    pub fn full(step: u64, values: Vec<f32>, adams: &[AdamState]) -> Self {
+        let adam_steps = adams.first().map_or(0, |a| a.step);
+        let exp_avg = adams.iter().flat_map(|a| a.exp_avg.iter().copied()).collect();
+        let exp_avg_sq = adams.iter().flat_map(|a| a.exp_avg_sq.iter().copied()).collect();
+        Self::Full { step, values, adam_steps, exp_avg, exp_avg_sq }
+    }
+}
+
+/// `n` items split into `ranks` contiguous blocks in order, the first `n mod ranks` one item
+/// longer: each rank's range of item indices.
+pub fn blocks(n: usize, ranks: usize) -> Vec<std::ops::Range<usize>> {
+    let ranks = ranks.max(1);
+    let (base, rem) = (n / ranks, n % ranks);
+    let mut at = 0;
+    (0..ranks)
+        .map(|r| {
+            let len = base + usize::from(r < rem);
+            let range = at..at + len;
+            at += len;
+            range
+        })
+        .collect()
+}
+
+/// The ring addresses of the processes from their [`Hello`]s, in rank order (the coordinator's
+/// own executor first, at the address the first remote worker reaches the coordinator by).
+/// `None` for a process alone.
+pub fn layout(generation: u64, hellos: &[Hello]) -> anyhow::Result<Option<RingLayout>> {
+    if hellos.len() < 2 {
+        return Ok(None);
+    }
+    let coordinator_ip = hellos[1..]
+        .iter()
+        .find_map(|h| h.remote.map(|(_, c)| c))
+        .ok_or_else(|| anyhow::anyhow!("no remote worker said where it reaches the coordinator"))?;
+    let addrs = hellos
+        .iter()
+        .enumerate()
+        .map(|(rank, h)| match (rank, h.remote) {
+            (0, _) => Ok(SocketAddr::new(coordinator_ip, h.port)),
+            (_, Some((ip, _))) => Ok(SocketAddr::new(ip, h.port)),
+            (_, None) => Err(anyhow::anyhow!("rank {rank} is not a remote worker")),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some(RingLayout { generation, addrs }))
+}
+
+/// The sequential float32 fold of `parts` (`((p₀ + p₁) + p₂) + …`), zeros without any: what
+/// the ring computes, for a process alone.
+pub fn fold_parts(parts: &[&[f32]], len: usize) -> Vec<f32> {
+    let Some((first, rest)) = parts.split_first() else {
+        return vec![0.0; len];
+    };
+    let mut acc = first.to_vec();
+    for p in rest {
+        acc.iter_mut().zip(p.iter()).for_each(|(a, x)| *a += x);
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_contiguous_and_balanced() {
+        assert_eq!(blocks(8, 3), vec![0..3, 3..6, 6..8]);
+        assert_eq!(blocks(2, 3), vec![0..1, 1..2, 2..2]);
+        assert_eq!(blocks(5, 1), vec![0..5]);
+        assert_eq!(blocks(0, 2), vec![0..0, 0..0]);
+    }
+
+    #[test]
+    fn the_layout_puts_the_coordinator_where_workers_reach_it() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let hellos = [
+            Hello { port: 5000, remote: None },
+            Hello { port: 6000, remote: Some((ip("10.0.0.2"), ip("10.0.0.1"))) },
+            Hello { port: 7000, remote: Some((ip("10.0.0.3"), ip("10.0.0.1"))) },
+        ];
+        let l = layout(4, &hellos).unwrap().unwrap();
+        assert_eq!(l.generation, 4);
+        let want: Vec<SocketAddr> = ["10.0.0.1:5000", "10.0.0.2:6000", "10.0.0.3:7000"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(l.addrs, want);
+        assert!(layout(1, &hellos[..1]).unwrap().is_none());
+        let bad = [hellos[0], Hello { port: 1, remote: None }];
+        assert!(layout(1, &bad).is_err());
+    }
+
+    #[test]
+    fn folding_parts_is_left_to_right_in_float32() {
+        assert_eq!(fold_parts(&[&[1e8], &[1.0], &[-1e8]], 1), vec![0.0]);
+        assert_eq!(fold_parts(&[], 2), vec![0.0, 0.0]);
+        let full = RouterBroadcast::full(
+            3,
+            vec![1.0, 2.0, 3.0],
+            &[
+                AdamState { step: 3, exp_avg: vec![0.5], exp_avg_sq: vec![0.25] },
+                AdamState { step: 3, exp_avg: vec![1.5, 2.5], exp_avg_sq: vec![3.5, 4.5] },
+            ],
+        );
+        let back: RouterBroadcast =
+            fusion_cluster::codec::decode(&fusion_cluster::codec::encode(&full).unwrap()).unwrap();
+        assert_eq!(back, full);
+        match back {
+            RouterBroadcast::Full { adam_steps, exp_avg, exp_avg_sq, .. } => {
+                assert_eq!(
+                    (adam_steps, exp_avg, exp_avg_sq),
+                    (3, vec![0.5, 1.5, 2.5], vec![0.25, 3.5, 4.5])
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
