@@ -1,9 +1,11 @@
 //! The task set a data-dependent method works on: one task per fine-tuned model, its data from
 //! the model pool's `test_datasets` (test-time adaptation: AdaMerging, WE-MoE) or
-//! `train_datasets` (statistics: Fisher merging), its zero-shot head from `_pretrained_`, as
+//! `train_datasets` (statistics: Fisher merging, RegMean; without them, the `train` split of each
+//! test dataset's repository), its zero-shot head from `_pretrained_`, as
 //! FusionBench's `CLIPClassificationMixin` builds it; decoded images cached.
 
 use super::RunContext;
+use crate::config::DatasetSpec;
 use crate::program::DatasetRef;
 use crate::tasks::set::{TaskSet, TaskSetSpec};
 use anyhow::{bail, Context, Result};
@@ -52,8 +54,30 @@ pub(crate) fn pool_tasks(
         .map(|(_, m)| m.path.clone())
         .with_context(|| format!("{method} needs modelpool.models._pretrained_"))?;
     let processor = mp.processor.as_ref().map(|p| p.path.clone()).unwrap_or_else(|| base.clone());
+    // FusionBench's corrupted robustness pool has test datasets only, so its Fisher merging and
+    // RegMean crash there; ours then read the clean `train` split of each test dataset's
+    // repository (training data: never the test images, corrupted or not).
+    let clean_train: Option<Vec<(String, DatasetSpec)>> = match (
+        split,
+        &mp.train_datasets,
+        &mp.test_datasets,
+    ) {
+        (PoolSplit::Train, None, Some(test)) => {
+            let train: Vec<(String, DatasetSpec)> = test
+                .iter()
+                .map(|(n, d)| (n.clone(), DatasetSpec { split: "train".into(), ..d.clone() }))
+                .collect();
+            tracing::info!(
+                method,
+                datasets = ?train.iter().map(|(_, d)| d.path.as_str()).collect::<Vec<_>>(),
+                "modelpool.train_datasets is not set: the clean `train` split of each test dataset's repository"
+            );
+            Some(train)
+        }
+        _ => None,
+    };
     let lists = match split {
-        PoolSplit::Train => mp.train_datasets.as_deref(),
+        PoolSplit::Train => clean_train.as_deref().or(mp.train_datasets.as_deref()),
         PoolSplit::Test => mp.test_datasets.as_deref(),
     };
     let datasets = lists.unwrap_or(&[]);

@@ -24,9 +24,13 @@ pub fn eval_plan(cfg: &ProgramConfig) -> Result<Option<EvalPlan>> {
     );
     let Some(tp) = &cfg.taskpool else { return Ok(None) };
     match tp.kind {
-        TaskPoolKind::ClipVision => {}
+        // FusionBench's v0.1 `type: clip_vit_classification` pool (the robustness configs)
+        // evaluates as the CLIP vision task pool does: the same heads, metrics and report, its
+        // tasks under the names it lists (`stanford_cars`, ...), each from `dataset.name`'s
+        // `dataset.split`.
+        TaskPoolKind::ClipVision | TaskPoolKind::LegacyClipVit => {}
         TaskPoolKind::Dummy => return Ok(None),
-        _ => bail!("this task pool type is not available in this build (available: CLIPVisionModelTaskPool, dummy)"),
+        _ => bail!("this task pool type is not available in this build (available: CLIPVisionModelTaskPool, clip_vit_classification, dummy)"),
     }
     let base_model = tp
         .clip_model

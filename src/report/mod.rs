@@ -6,6 +6,7 @@ mod canvas;
 pub mod heatmap;
 pub mod metrics_log;
 pub mod plot;
+pub mod robustness;
 pub mod seen_unseen;
 pub mod tensorboard;
 

@@ -20,6 +20,15 @@ pub struct SeenUnseen {
     pub average: f64,
 }
 
+/// Whether a model's name and a report's task name are the same task: equal, or FusionBench
+/// aliases of one task (the v0.1 robustness task pool reports `stanford_cars` for the model
+/// `stanford-cars`).
+fn same_task(model: &str, task: &str) -> bool {
+    model == task
+        || crate::tasks::canonical_name(model)
+            .is_some_and(|m| crate::tasks::canonical_name(task) == Some(m))
+}
+
 fn mean(v: &[(String, f64)]) -> f64 {
     v.iter().map(|(_, a)| a).sum::<f64>() / v.len() as f64
 }
@@ -34,14 +43,14 @@ impl SeenUnseen {
             if task == "average" {
                 continue;
             }
-            if models.iter().any(|m| m == task) {
+            if models.iter().any(|m| same_task(m, task)) {
                 seen.push((task.clone(), acc));
             } else {
                 unseen.push((task.clone(), acc));
             }
         }
         // Seen tasks in the pool's order, as the seed's tables list them.
-        seen.sort_by_key(|(t, _)| models.iter().position(|m| m == t));
+        seen.sort_by_key(|(t, _)| models.iter().position(|m| same_task(m, t)));
         let average = report.get("average")?.get("accuracy")?.as_f64()?;
         (!seen.is_empty() && !unseen.is_empty()).then_some(Self { seen, unseen, average })
     }
@@ -124,6 +133,21 @@ mod tests {
             "eurosat": {"accuracy": 0.15, "loss": 1.0},
             "average": {"accuracy": 0.4125, "loss": 1.0},
         })
+    }
+
+    #[test]
+    fn aliases_of_a_models_task_are_seen() {
+        let report = serde_json::json!({
+            "stanford_cars": {"accuracy": 0.5}, "eurosat": {"accuracy": 0.25},
+            "mnist": {"accuracy": 0.75}, "average": {"accuracy": 0.5}
+        });
+        let models = ["stanford-cars".to_string(), "eurosat".to_string()];
+        let s = SeenUnseen::of(&report, &models).unwrap();
+        assert_eq!(s.seen, vec![("stanford_cars".into(), 0.5), ("eurosat".into(), 0.25)]);
+        assert_eq!(s.unseen, vec![("mnist".into(), 0.75)]);
+        let all =
+            serde_json::json!({"stanford_cars": {"accuracy": 0.5}, "average": {"accuracy": 0.5}});
+        assert!(SeenUnseen::of(&all, &models).is_none(), "no unseen task: no table");
     }
 
     #[test]

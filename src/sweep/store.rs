@@ -2,6 +2,7 @@
 
 use super::summary::{summary_csv, Row};
 use super::Cell;
+use crate::report::robustness;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -68,9 +69,22 @@ impl SweepStore {
     }
 
     /// Writes `summary.csv` (one row per cell) and, when the sweep has one numeric swept key,
-    /// `summary.png`: average accuracy against it.
+    /// `summary.png`: average accuracy against it; when it sweeps `corruption`, the seed's
+    /// robustness table (`robustness.{md,csv,png}`, [`robustness::Table`]).
     pub fn write_summary(&self, rows: &[Row]) -> Result<()> {
         crate::report::write_atomic(&self.dir.join("summary.csv"), summary_csv(rows).as_bytes())?;
+        let entries: Vec<robustness::Entry<'_>> = rows
+            .iter()
+            .map(|r| robustness::Entry {
+                swept: &r.cell.swept,
+                args: &r.cell.args,
+                report: r.report.as_ref(),
+            })
+            .collect();
+        if let Some(table) = robustness::Table::of(&entries) {
+            table.write(&self.dir)?;
+            eprintln!("\n{}", table.markdown());
+        }
         let one_key = rows.first().is_some_and(|r| r.cell.swept.len() == 1);
         let points: Option<Vec<(f64, f64)>> = rows
             .iter()

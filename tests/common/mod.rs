@@ -81,7 +81,7 @@ pub fn assert_same_safetensors(ours: &Path, golden: &Path) -> usize {
 pub const LOSS_REL_TOL: f64 = 1.0 / 65536.0;
 
 /// Accuracies equal, losses within [`LOSS_REL_TOL`], the same keys in the same order and the
-/// same `model_info`: our report against FusionBench's (eight tasks and the average).
+/// same `model_info`: our report against FusionBench's (its tasks and the average).
 pub fn assert_same_report(ours: &serde_json::Value, theirs: &serde_json::Value) {
     let (o, t) = (ours.as_object().unwrap(), theirs.as_object().unwrap());
     assert_eq!(o.keys().collect::<Vec<_>>(), t.keys().collect::<Vec<_>>());
@@ -96,7 +96,7 @@ pub fn assert_same_report(ours: &serde_json::Value, theirs: &serde_json::Value) 
         assert!((a - b).abs() <= LOSS_REL_TOL * b.abs(), "{k}: loss {a} vs FusionBench's {b}");
         compared += 1;
     }
-    assert_eq!(compared, 9, "eight tasks and the average");
+    assert!(compared >= 2 && t.contains_key("average"), "tasks and the average: {t:?}");
 }
 
 /// Every tensor of `golden` against the tensor of `ours` that `ours_name` maps its name to,
