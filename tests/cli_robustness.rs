@@ -159,3 +159,111 @@ fn fisher_and_regmean_merge_on_the_clean_training_splits_of_the_corrupted_pool()
         assert!(merged[0] == merged[1], "{name}: the corrupted pool merged another model");
     }
 }
+
+/// The seed's table from one sweep: `corruption=test` (the clean test set) and two corruptions
+/// by two methods give `robustness.md` in the seed's layout with FusionBench's accuracies in
+/// percent, `robustness.csv` with each cell's accuracies, and `robustness.png`; a rerun computes
+/// nothing and writes the same table.
+#[test]
+fn a_sweep_over_corruptions_writes_the_seeds_table() {
+    let golden = root().join("tests/fixtures/golden/fusionbench_robustness");
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("sweep");
+    let args = words(&[
+        "--config-name",
+        "clip-vit-base-patch32_robustness_corrupted",
+        "-m",
+        "corruption=test,pixelate,motion_blur",
+        "method=task_arithmetic,ties_merging",
+        "fabric.accelerator=cpu",
+        "print_config=false",
+    ])
+    .into_iter()
+    .chain([format!("sweep_dir={}", sweep.display())])
+    .collect::<Vec<_>>();
+    let out = run(dir.path(), &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let md = std::fs::read_to_string(sweep.join("robustness.md")).unwrap();
+    let lines: Vec<&str> = md.lines().collect();
+    assert_eq!(
+        lines[0],
+        "| Method | Cars | EuroSAT | RESISC45 | GTSRB | Avg. | Cars | EuroSAT | RESISC45 | GTSRB | Avg. |"
+    );
+    // Blocks in the seed's order: clean beside motion blur, then pixelate.
+    assert_eq!(lines[2], "|  | Clean Test set |  |  |  |  | Motion Blur |  |  |  |  |");
+    assert_eq!(lines[5], "|  | Pixelate |  |  |  |  |  |  |  |  |  |");
+    let pct = |v: &serde_json::Value| format!("{:.1}", 100.0 * v["accuracy"].as_f64().unwrap());
+    for (row, name, title) in
+        [(3, "task_arithmetic", "Task Arithmetic"), (4, "ties_merging", "Ties-Merging")]
+    {
+        let mut want = vec![title.to_string()];
+        for split in ["clean", "motion_blur"] {
+            let g = read(&golden.join(name).join(format!("{split}.json")));
+            for task in ["stanford_cars", "eurosat", "resisc45", "gtsrb", "average"] {
+                want.push(pct(&g[task]));
+            }
+        }
+        assert_eq!(lines[row], format!("| {} |", want.join(" | ")), "{name}");
+    }
+    let csv = std::fs::read_to_string(sweep.join("robustness.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 * 3, "{csv}");
+    let png = std::fs::read(sweep.join("robustness.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let out = run(dir.path(), &args);
+    assert!(out.status.success());
+    assert_eq!(
+        std::fs::read_to_string(sweep.join("robustness.md")).unwrap(),
+        md,
+        "a rerun's table"
+    );
+}
+
+/// Layer-wise AdaMerging on the corrupted pool adapts on the corrupted test images: with
+/// `seed=42` its λ after 20 steps is FusionBench's within 1e-6 (but the `k_proj.bias` entries,
+/// whose true gradient is zero: `tests/adamerging_parity.rs`), and so is its report.
+#[test]
+fn adamerging_on_corrupted_test_images_is_fusionbenchs() {
+    let golden = root().join("tests/fixtures/golden/fusionbench_robustness/adamerging");
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let mut a = line(
+        "motion_blur",
+        &[
+            "method=adamerging/clip",
+            "method.name=clip_layer_wise_adamerging",
+            "method.max_steps=20",
+            "seed=42",
+            "method.save_merging_weights=merging_weights.pt",
+            "fabric.loggers.root_dir=outputs/logs",
+            "fabric.loggers.name=adamerging",
+        ],
+        &report,
+    );
+    a.push(format!("path.cache_dir={}", dir.path().join("cache").display()));
+    let out = run(dir.path(), &a);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let load = |p: &Path| fusion_bench::weights::torch_file::load_f32(p).unwrap();
+    let (shape, ours) = load(&dir.path().join("outputs/logs/adamerging/merging_weights.pt"));
+    let (want_shape, theirs) = load(&golden.join("motion_blur.merging_weights.pt"));
+    assert_eq!(shape, want_shape);
+    let trace = root().join("tests/fixtures/golden/fusionbench_adamerging/layer_wise.trace.json");
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(trace).unwrap()).unwrap();
+    let names: Vec<String> = serde_json::from_value(trace["parameter_names"].clone()).unwrap();
+    assert_eq!(shape, [4, names.len()], "four tasks, one λ per parameter tensor");
+    let (lr, steps) = (1e-3, 20.0);
+    for (k, (x, y)) in ours.iter().zip(&theirs).enumerate() {
+        let (x, y) = (f64::from(*x), f64::from(*y));
+        if names[k % names.len()].ends_with("k_proj.bias") {
+            let bound = lr * steps * 1.0001;
+            assert!((x - 0.3).abs() <= bound && (y - 0.3).abs() <= bound, "λ[{k}]");
+        } else {
+            assert!(
+                (x - y).abs() <= 1e-6,
+                "λ[{k}] ({}): {x} vs FusionBench's {y}",
+                names[k % names.len()]
+            );
+        }
+    }
+    common::assert_same_report(&read(&report), &read(&golden.join("motion_blur.json")));
+}

@@ -158,18 +158,24 @@ fn excluded_parameters_stay_pretrained_and_the_merge_switches_match() {
 #[test]
 fn bad_settings_are_refused_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
+    // Without train_datasets the test datasets' clean train splits serve (the corrupted
+    // robustness pool: tests/cli_robustness.rs); without either, nothing does.
+    let no_datasets = ["~modelpool.train_datasets", "~modelpool.test_datasets"];
     for (extra, named) in [
-        ("method.num_fisher_examples=0", "method.num_fisher_examples"),
-        ("method.dataloader_kwargs.batch_size=0", "method.dataloader_kwargs.batch_size"),
-        ("method.minimal_fisher_weight=-1", "method.minimal_fisher_weight"),
-        ("method.exclude_param_names_regex=['(unclosed']", "method.exclude_param_names_regex"),
-        ("~modelpool.train_datasets", "modelpool.train_datasets"),
+        (&["method.num_fisher_examples=0"][..], "method.num_fisher_examples"),
+        (&["method.dataloader_kwargs.batch_size=0"][..], "method.dataloader_kwargs.batch_size"),
+        (&["method.minimal_fisher_weight=-1"][..], "method.minimal_fisher_weight"),
+        (
+            &["method.exclude_param_names_regex=['(unclosed']"][..],
+            "method.exclude_param_names_regex",
+        ),
+        (&no_datasets[..], "modelpool.train_datasets"),
     ] {
-        let out = run(dir.path(), &[extra]);
+        let out = run(dir.path(), extra);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{extra} was accepted");
-        assert!(err.contains(named), "{extra}: the error names `{named}`:\n{err}");
-        assert!(!err.contains("panicked"), "{extra}: a panic:\n{err}");
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(err.contains(named), "{extra:?}: the error names `{named}`:\n{err}");
+        assert!(!err.contains("panicked"), "{extra:?}: a panic:\n{err}");
         assert!(!dir.path().join("report.json").exists());
     }
 }

@@ -228,7 +228,12 @@ fn bad_settings_and_a_singular_gram_are_refused_naming_the_key_or_layer() {
             &["method.exclude_param_names_regex=['(unclosed']"][..],
             "method.exclude_param_names_regex",
         ),
-        (&["~modelpool.train_datasets"][..], "modelpool.train_datasets"),
+        // Without train_datasets the test datasets' clean train splits serve (the corrupted
+        // robustness pool: tests/cli_robustness.rs); without either, nothing does.
+        (
+            &["~modelpool.train_datasets", "~modelpool.test_datasets"][..],
+            "modelpool.train_datasets",
+        ),
         (&["method.weight_transpose=false"][..], "method.weight_transpose"),
         // Two models, one image each: 17 token rows against 48- and 96-wide inputs, nothing off
         // the diagonal reduced: the Gram sums have rank ≤ 34.

@@ -201,3 +201,90 @@ pub(crate) fn check_finite(
     }
     Ok(())
 }
+
+/// A model's statistics (`what`: "Fisher", "RegMean Grams", named `names`) from its cache file
+/// when there is one, or computed by `compute` (the tensors and the images they saw), checked
+/// finite and written to the cache. Returns the tensors and, when computed, the images seen (a
+/// split smaller than `examples`, `method.<examples_key>`, is a warning). The log lines say
+/// `<what> reused from the cache` or `<what> computed`.
+pub(crate) fn cached_or_computed(
+    what: &str,
+    examples_key: &str,
+    model: &str,
+    names: &[String],
+    examples: usize,
+    file: Option<&std::path::Path>,
+    compute: impl FnOnce() -> Result<(Vec<tch::Tensor>, usize)>,
+) -> Result<(Vec<tch::Tensor>, Option<usize>)> {
+    if let Some(cached) = file.map(|f| read_cached(f, names, what)).transpose()?.flatten() {
+        let file = file.map_or(String::new(), |f| f.display().to_string());
+        tracing::info!(model, file = %file, "{what} reused from the cache");
+        return Ok((cached, None));
+    }
+    let started = std::time::Instant::now();
+    let (tensors, seen) = compute()?;
+    if seen < examples {
+        tracing::warn!(
+            model,
+            used = seen,
+            asked = examples,
+            "fewer training images than method.{examples_key}: all of them are used"
+        );
+    }
+    tracing::info!(
+        model,
+        images = seen,
+        seconds = started.elapsed().as_secs_f64(),
+        "{what} computed"
+    );
+    check_finite(what, model, names, &tensors, None)?;
+    if let Some(file) = file {
+        write_cached(file, names, &tensors, seen, what)?;
+    }
+    Ok((tensors, Some(seen)))
+}
+
+/// What Fisher merging and RegMean read alike from `method.*`: the excluded parameter names
+/// (`exclude_param_names_regex`, each anchored at the start as Python's `re.match`), the number
+/// of examples per model (`examples_key`, default 256) and `dataloader_kwargs.batch_size`
+/// (default 32). `dataloader_kwargs.num_workers` is accepted and unused: the images come from
+/// the decoded cache.
+pub(crate) struct StatisticsConfig {
+    /// The excluded parameter names' patterns.
+    pub exclude: Vec<fancy_regex::Regex>,
+    /// Examples per model.
+    pub examples: usize,
+    /// Images per batch.
+    pub batch_size: usize,
+}
+
+impl StatisticsConfig {
+    /// Reads the shared keys of `s`; a bad pattern or a count below 1 is an error naming its key.
+    pub(crate) fn read(s: &crate::config::Section, examples_key: &str) -> Result<Self> {
+        let patterns = s.get::<Vec<String>>("exclude_param_names_regex")?.unwrap_or_default();
+        let exclude = patterns
+            .iter()
+            .map(|p| {
+                fancy_regex::Regex::new(&format!("^(?:{p})")).with_context(|| {
+                    format!("method.exclude_param_names_regex: `{p}` is not a regular expression")
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let at_least_one = |key: &str| -> Result<usize> {
+            match s.get::<i64>(key)?.unwrap_or(if key == examples_key { 256 } else { 32 }) {
+                n if n >= 1 => Ok(n as usize),
+                n => bail!("method.{key} must be at least 1, got {n}"),
+            }
+        };
+        Ok(Self {
+            exclude,
+            examples: at_least_one(examples_key)?,
+            batch_size: at_least_one("dataloader_kwargs.batch_size")?,
+        })
+    }
+
+    /// Whether parameter `name` is excluded.
+    pub(crate) fn excluded(exclude: &[fancy_regex::Regex], name: &str) -> bool {
+        exclude.iter().any(|r| r.is_match(name).unwrap_or(false))
+    }
+}

@@ -23,6 +23,7 @@ mod statistics;
 use super::pool_tasks::{pool_tasks, PoolSplit};
 use super::{Checkpoint, Merged, Method, RunContext};
 use crate::config::MethodConfig;
+use crate::methods::model_statistics::StatisticsConfig;
 use anyhow::{bail, Context, Result};
 use statistics::Statistics;
 use std::collections::HashMap;
@@ -52,38 +53,21 @@ impl FisherMerging {
                 "dataloader_kwargs",
             ],
         );
-        let patterns = s.get::<Vec<String>>("exclude_param_names_regex")?.unwrap_or_default();
-        let exclude = patterns
-            .iter()
-            .map(|p| {
-                fancy_regex::Regex::new(&format!("^(?:{p})")).with_context(|| {
-                    format!("method.exclude_param_names_regex: `{p}` is not a regular expression")
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let shared = StatisticsConfig::read(s, "num_fisher_examples")?;
         let minimal = s.get::<f64>("minimal_fisher_weight")?.unwrap_or(1e-6);
         if !(minimal.is_finite() && minimal >= 0.0) {
             bail!("method.minimal_fisher_weight must be a finite number ≥ 0, got {minimal}");
         }
-        let examples = match s.get::<i64>("num_fisher_examples")?.unwrap_or(256) {
-            n if n >= 1 => n as usize,
-            n => bail!("method.num_fisher_examples must be at least 1, got {n}"),
-        };
-        let batch_size = match s.get::<i64>("dataloader_kwargs.batch_size")?.unwrap_or(32) {
-            n if n >= 1 => n as usize,
-            n => bail!("method.dataloader_kwargs.batch_size must be at least 1, got {n}"),
-        };
-        // `dataloader_kwargs.num_workers` is accepted: the images come from the decoded cache.
         Ok(Self {
-            exclude,
+            exclude: shared.exclude,
             normalize: s.get::<bool>("normalize_fisher_weight")?.unwrap_or(true),
             minimal,
-            statistics: Statistics { examples, batch_size },
+            statistics: Statistics { examples: shared.examples, batch_size: shared.batch_size },
         })
     }
 
     fn excluded(&self, name: &str) -> bool {
-        self.exclude.iter().any(|r| r.is_match(name).unwrap_or(false))
+        StatisticsConfig::excluded(&self.exclude, name)
     }
 }
 

@@ -5,7 +5,7 @@
 //! that the processes of a cluster share them.
 
 use super::super::Checkpoint;
-use crate::methods::model_statistics::{check_finite, read_cached, write_cached};
+use crate::methods::model_statistics::cached_or_computed;
 use crate::models::clip::{ClipVision, VisionConfig};
 use crate::tasks::set::TaskSet;
 use crate::tasks::zeroshot;
@@ -100,31 +100,15 @@ impl Statistics {
         config: &VisionConfig,
         file: Option<&Path>,
     ) -> Result<(Vec<Tensor>, Option<usize>)> {
-        if let Some(cached) = file.map(|f| read_cached(f, all, "Fisher")).transpose()?.flatten() {
-            tracing::info!(model = model.name(), file = %file.map_or(String::new(), |f| f.display().to_string()), "Fisher reused from the cache");
-            return Ok((cached, None));
-        }
-        let started = std::time::Instant::now();
-        let (f, seen) = self.fisher(set, t, model, all, config)?;
-        if seen < self.examples {
-            tracing::warn!(
-                model = model.name(),
-                used = seen,
-                asked = self.examples,
-                "fewer training images than method.num_fisher_examples: the Fisher uses all of them"
-            );
-        }
-        tracing::info!(
-            model = model.name(),
-            images = seen,
-            seconds = started.elapsed().as_secs_f64(),
-            "Fisher computed"
-        );
-        check_finite("Fisher", model.name(), all, &f, None)?;
-        if let Some(file) = file {
-            write_cached(file, all, &f, seen, "Fisher")?;
-        }
-        Ok((f, Some(seen)))
+        cached_or_computed(
+            "Fisher",
+            "num_fisher_examples",
+            model.name(),
+            all,
+            self.examples,
+            file,
+            || self.fisher(set, t, model, all, config),
+        )
     }
 
     /// Where model `t`'s Fisher is kept under `cache_dir`: `fisher/<model>-<key>.safetensors`,

@@ -16,9 +16,7 @@
 //! starts from OS entropy: a random subset each run; ours then draws a fresh seed, and its cache
 //! key says "unseeded", so a rerun reuses the subset the first run drew.
 
-use crate::methods::model_statistics::{
-    cache_path, check_finite, hash_checkpoint, read_cached, write_cached,
-};
+use crate::methods::model_statistics::{cache_path, cached_or_computed, hash_checkpoint};
 use crate::methods::Checkpoint;
 use crate::models::clip::encoder::{LinearInput, LinearObserver};
 use crate::models::clip::{ClipVision, VisionConfig};
@@ -170,33 +168,15 @@ impl Statistics {
         file: Option<&Path>,
     ) -> Result<(Vec<Tensor>, Option<usize>)> {
         let names = gram_names(config);
-        if let Some(cached) =
-            file.map(|f| read_cached(f, &names, "RegMean Grams")).transpose()?.flatten()
-        {
-            tracing::info!(model = model.name(), file = %file.map_or(String::new(), |f| f.display().to_string()), "RegMean Grams reused from the cache");
-            return Ok((cached, None));
-        }
-        let started = std::time::Instant::now();
-        let (grams, seen) = self.grams(set, t, model, config)?;
-        if seen < self.examples {
-            tracing::warn!(
-                model = model.name(),
-                used = seen,
-                asked = self.examples,
-                "fewer training images than method.num_regmean_examples: the Grams use all of them"
-            );
-        }
-        tracing::info!(
-            model = model.name(),
-            images = seen,
-            seconds = started.elapsed().as_secs_f64(),
-            "RegMean Grams computed"
-        );
-        check_finite("RegMean Grams", model.name(), &names, &grams, None)?;
-        if let Some(file) = file {
-            write_cached(file, &names, &grams, seen, "RegMean Grams")?;
-        }
-        Ok((grams, Some(seen)))
+        cached_or_computed(
+            "RegMean Grams",
+            "num_regmean_examples",
+            model.name(),
+            &names,
+            self.examples,
+            file,
+            || self.grams(set, t, model, config),
+        )
     }
 
     /// Where model `t`'s Grams are kept under `cache_dir`: `regmean/<model>-<key>.safetensors`,

@@ -13,7 +13,9 @@
 mod grams;
 mod merge;
 
-use super::model_statistics::{check_finite, compute_on_cluster, read_cached, ModelStatistics};
+use super::model_statistics::{
+    check_finite, compute_on_cluster, read_cached, ModelStatistics, StatisticsConfig,
+};
 use super::pool_tasks::{pool_tasks, PoolSplit};
 use super::{Checkpoint, Merged, Method, RunContext};
 use crate::config::MethodConfig;
@@ -49,39 +51,22 @@ impl RegMean {
                 "dataloader_kwargs",
             ],
         );
-        let patterns = s.get::<Vec<String>>("exclude_param_names_regex")?.unwrap_or_default();
-        let exclude = patterns
-            .iter()
-            .map(|p| {
-                fancy_regex::Regex::new(&format!("^(?:{p})")).with_context(|| {
-                    format!("method.exclude_param_names_regex: `{p}` is not a regular expression")
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let shared = StatisticsConfig::read(s, "num_regmean_examples")?;
         let ratio = s.get::<f64>("reduce_non_diagonal_ratio")?.unwrap_or(0.95);
         if !ratio.is_finite() {
             bail!("method.reduce_non_diagonal_ratio must be a finite number, got {ratio}");
         }
-        let examples = match s.get::<i64>("num_regmean_examples")?.unwrap_or(256) {
-            n if n >= 1 => n as usize,
-            n => bail!("method.num_regmean_examples must be at least 1, got {n}"),
-        };
-        let batch_size = match s.get::<i64>("dataloader_kwargs.batch_size")?.unwrap_or(32) {
-            n if n >= 1 => n as usize,
-            n => bail!("method.dataloader_kwargs.batch_size must be at least 1, got {n}"),
-        };
-        // `dataloader_kwargs.num_workers` is accepted: the images come from the decoded cache.
         Ok(Self {
-            exclude,
+            exclude: shared.exclude,
             ratio,
             transpose: s.get::<bool>("weight_transpose")?.unwrap_or(true),
-            examples,
-            batch_size,
+            examples: shared.examples,
+            batch_size: shared.batch_size,
         })
     }
 
     fn excluded(&self, name: &str) -> bool {
-        self.exclude.iter().any(|r| r.is_match(name).unwrap_or(false))
+        StatisticsConfig::excluded(&self.exclude, name)
     }
 }
 
