@@ -43,7 +43,11 @@ def fb_reports(root):
     per run under the Hydra multirun folder, so read the reports its runs wrote."""
     out = {}
     for path in glob.glob(os.path.join(root, "**", "program_report.json"), recursive=True):
-        with open(os.path.join(os.path.dirname(path), ".hydra", "overrides.yaml")) as f:
+        run_dir = os.path.dirname(path)
+        # FusionBench's hydra config sets output_subdir "": the run's overrides.yaml sits in its folder.
+        ov_file = next(p for p in (os.path.join(run_dir, ".hydra", "overrides.yaml"),
+                                   os.path.join(run_dir, "overrides.yaml")) if os.path.exists(p))
+        with open(ov_file) as f:
             ov = dict(line.strip()[2:].split("=", 1) for line in f if line.startswith("- ") and "=" in line)
         with open(path) as f:
             out[(ov["corruption"], ov["method"])] = json.load(f)
@@ -76,7 +80,7 @@ def main():
             d = os.path.join(tmp, f"theirs{r}")
             os.makedirs(d)
             fb = [sys.executable, os.path.join(ROOT, "scripts/fixtures/fb_offline.py"), "--"]
-            dt, _, _, _ = timed(fb + words(d) + ["report_save_path=program_report.json",
+            dt, _, _, _ = timed(fb + words(d) + ["report_save_path=${hydra:runtime.output_dir}/program_report.json",
                                                  f"hydra.sweep.dir={d}/multirun"], env, d)
             times["theirs"].append(dt)
             theirs = fb_reports(os.path.join(d, "multirun"))
