@@ -66,6 +66,8 @@ def main():
     times = {"ours": [], "theirs": []}
     cells = len(SPLITS) * len(METHODS)
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
+        # `datasets` would otherwise cache under HF_HOME, i.e. inside tests/fixtures.
+        env["HF_DATASETS_CACHE"] = os.path.join(tmp, "datasets-cache")
         for r in range(a.repeats):
             d = os.path.join(tmp, f"ours{r}")
             os.makedirs(d)
