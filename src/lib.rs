@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod corrupt;
 pub mod data;
 pub mod device;
 pub mod hub;
