@@ -332,7 +332,6 @@ fn write_split(a: &CorruptArgs, src: &Source) -> Result<()> {
         dataset = %a.dataset, split = %a.split, corruption = corruption.name(), severity = a.severity,
         params = a.params.name(), seed = a.seed, rows, file = %target.display(), "wrote split `{name}`"
     );
-    eprintln!("wrote split `{name}` ({rows} images) to {}", target.display());
     Ok(())
 }
 

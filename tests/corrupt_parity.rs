@@ -1,0 +1,63 @@
+//! FusionBench's deterministic corruptions (contrast, pixelate, jpeg_compression; CIFAR-10-C
+//! parameters), bit for bit: ours on the fixture images against the goldens of
+//! `scripts/fixtures/golden_corruption.py` (FusionBench 0.2.33's own functions, Pillow 13,
+//! libjpeg-turbo), every severity.
+
+use std::path::{Path, PathBuf};
+
+use fusion_bench::corrupt::rng::Rng;
+use fusion_bench::corrupt::{corrupt_image, Corruption, ParamSet};
+use fusion_bench::data::{decode_rgb, files, parquet, RgbImage};
+use fusion_bench::hub::Hub;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn test_rows(dataset: &str) -> Vec<parquet::ImageRow> {
+    let hub = Hub::new(root().join("tests/fixtures/hf_home/hub"));
+    let snap = hub.resolve_dataset(dataset).unwrap();
+    let files = files::find_split_files(&snap, None, "test").unwrap();
+    files.iter().flat_map(|f| parquet::read_rows(f).unwrap()).collect()
+}
+
+fn golden(dir: &Path, rel: &str) -> RgbImage {
+    decode_rgb(&std::fs::read(dir.join(rel)).unwrap()).unwrap()
+}
+
+#[test]
+fn deterministic_corruptions_match_fusionbench_bit_for_bit() {
+    let dir = root().join("tests/fixtures/golden/corruption");
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let entries = manifest["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 120);
+    let mut cache = std::collections::HashMap::new();
+    let mut failures = Vec::new();
+    for e in entries {
+        let dataset = e["dataset"].as_str().unwrap();
+        let rows = cache.entry(dataset.to_string()).or_insert_with(|| test_rows(dataset));
+        let row = e["row"].as_u64().unwrap() as usize;
+        let c = Corruption::parse(e["corruption"].as_str().unwrap()).unwrap();
+        let severity = e["severity"].as_u64().unwrap() as u8;
+        let img = decode_rgb(&rows[row].bytes).unwrap();
+        let ours = corrupt_image(c, ParamSet::Cifar10c, severity, &img, &mut Rng::new(0)).unwrap();
+        let want = golden(&dir, e["file"].as_str().unwrap());
+        assert_eq!(
+            (want.height, want.width),
+            (e["height"].as_u64().unwrap() as usize, e["width"].as_u64().unwrap() as usize)
+        );
+        if ours != want {
+            let diff = if (ours.width, ours.height) == (want.width, want.height) {
+                let n = ours.data.iter().zip(&want.data).filter(|(a, b)| a != b).count();
+                let max = ours.data.iter().zip(&want.data).map(|(a, b)| a.abs_diff(*b)).max();
+                format!("{n} values differ, max by {max:?}")
+            } else {
+                format!("size {}x{} vs {}x{}", ours.width, ours.height, want.width, want.height)
+            };
+            failures.push(format!("{}: {diff}", e["file"].as_str().unwrap()));
+        }
+    }
+    assert!(failures.is_empty(), "{} of 120 differ:\n{}", failures.len(), failures.join("\n"));
+}
