@@ -33,3 +33,31 @@ pub fn apply(img: &RgbImage, amount: f64, rng: &mut Rng) -> RgbImage {
         .collect();
     RgbImage { width: img.width, height: img.height, data }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::flat;
+    use super::*;
+
+    /// On a mid-grey 256×256 image, the flipped fraction is `amount` and half the flips are
+    /// salt, within 6 standard errors (< 0.0036 and < 0.02 of the flips).
+    #[test]
+    fn flips_the_tables_fraction_half_salt() {
+        let img = flat(256, 256, 128);
+        for set in [ParamSet::Cifar10c, ParamSet::Imagenetc] {
+            for s in 1..=5 {
+                let p = amount(set, s);
+                let out = apply(&img, p, &mut Rng::new(40 + u64::from(s)));
+                let n = out.data.len() as f64;
+                let salt = out.data.iter().filter(|&&v| v == 255).count() as f64;
+                let pepper = out.data.iter().filter(|&&v| v == 0).count() as f64;
+                assert!(out.data.iter().all(|&v| v == 0 || v == 128 || v == 255));
+                let f = (salt + pepper) / n;
+                let se = (p * (1.0 - p) / n).sqrt();
+                assert!((f - p).abs() < 6.0 * se, "{set:?} {s}: flipped {f} vs {p}");
+                let half_se = (0.25 / (salt + pepper)).sqrt();
+                assert!((salt / (salt + pepper) - 0.5).abs() < 6.0 * half_se, "{set:?} {s}");
+            }
+        }
+    }
+}

@@ -186,3 +186,88 @@ pub fn corrupt_image(
         Corruption::Spatter => spatter::apply(img, &spatter::params(set, severity), rng),
     })
 }
+
+/// Helpers of the corruptions' statistical tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use crate::data::RgbImage;
+
+    /// A `w × h` image of one grey level.
+    pub fn flat(w: usize, h: usize, v: u8) -> RgbImage {
+        RgbImage { width: w, height: h, data: vec![v; w * h * 3] }
+    }
+
+    /// P(Z ≥ z) for a standard normal Z (Abramowitz & Stegun 7.1.26, error < 1e-7).
+    pub fn normal_sf(z: f64) -> f64 {
+        let x = z.abs() / std::f64::consts::SQRT_2;
+        let t = 1.0 / (1.0 + 0.327_591_1 * x);
+        let poly = t
+            * (0.254_829_592
+                + t * (-0.284_496_736
+                    + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+        let erfc = poly * (-x * x).exp();
+        if z >= 0.0 {
+            erfc / 2.0
+        } else {
+            1.0 - erfc / 2.0
+        }
+    }
+
+    #[test]
+    fn normal_sf_is_right() {
+        assert!((normal_sf(0.0) - 0.5).abs() < 1e-7);
+        assert!((normal_sf(1.959_963_985) - 0.025).abs() < 1e-6);
+        assert!((normal_sf(-1.0) - 0.841_344_746).abs() < 1e-6);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_severities_and_tables_parse_or_are_named() {
+        for c in ALL {
+            assert_eq!(Corruption::parse(c.name()).unwrap(), c);
+        }
+        let e = Corruption::parse("fog").unwrap_err().to_string();
+        assert!(e.contains("`fog`") && e.contains("spatter"), "{e}");
+        for bad in ["0", "6", "-1", "x", "2.5"] {
+            assert!(parse_severity(bad).unwrap_err().to_string().contains(bad));
+        }
+        assert_eq!(parse_severity("5").unwrap(), 5);
+        assert!(ParamSet::parse("cifar10").unwrap_err().to_string().contains("imagenetc"));
+        let img = test_util::flat(4, 4, 9);
+        assert!(corrupt_image(
+            Corruption::Contrast,
+            ParamSet::Cifar10c,
+            0,
+            &img,
+            &mut rng::Rng::new(0)
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn every_corruption_runs_at_every_severity_on_odd_sizes() {
+        let mut r = rng::Rng::new(5);
+        let data: Vec<u8> = (0..23 * 17 * 3).map(|_| (r.next_u64() % 256) as u8).collect();
+        let img = RgbImage::from_raw(23, 17, data).unwrap();
+        for set in [ParamSet::Cifar10c, ParamSet::Imagenetc] {
+            for c in ALL {
+                for s in 1..=5 {
+                    let out = corrupt_image(c, set, s, &img, &mut rng::Rng::new(1)).unwrap();
+                    let size = if c == Corruption::Pixelate && set == ParamSet::Cifar10c {
+                        (32, 32) // FusionBench's pixelate always returns 32×32
+                    } else {
+                        (23, 17)
+                    };
+                    assert_eq!((out.width, out.height), size, "{} {s}", c.name());
+                    assert_eq!(out.data.len(), out.width * out.height * 3);
+                    let again = corrupt_image(c, set, s, &img, &mut rng::Rng::new(1)).unwrap();
+                    assert_eq!(out, again, "{} {s} is not repeatable", c.name());
+                }
+            }
+        }
+    }
+}

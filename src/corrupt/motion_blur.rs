@@ -90,3 +90,64 @@ pub fn apply(
     let angle = rng.uniform_in(-45.0, 45.0);
     apply_at(img, set, radius, sigma, angle)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_is_a_one_sided_gaussian_line_of_2_ceil_r_plus_1_taps() {
+        for set in [ParamSet::Cifar10c, ParamSet::Imagenetc] {
+            for s in 1..=5 {
+                let (r, sigma) = radius_sigma(set, s);
+                for angle in [-45.0, -10.0, 0.0, 30.0, 44.9] {
+                    let k = kernel(r, sigma, angle);
+                    assert_eq!(k.len(), 2 * r.ceil() as usize + 1);
+                    assert!((k.iter().map(|t| t.0).sum::<f64>() - 1.0).abs() < 1e-12);
+                    assert!(k.windows(2).all(|w| w[1].0 < w[0].0), "weights decrease");
+                    // Ratio of neighbouring weights: exp(-(2i+1)/2σ²).
+                    let ratio = k[1].0 / k[0].0;
+                    assert!((ratio - (-1.0 / (2.0 * sigma * sigma)).exp()).abs() < 1e-12);
+                    assert_eq!((k[0].1, k[0].2), (0, 0));
+                    let t: f64 = angle;
+                    for (i, &(_, dx, dy)) in k.iter().enumerate() {
+                        // Each tap lies within half a pixel of the line at angle θ, i pixels out.
+                        let (ex, ey) =
+                            (i as f64 * t.to_radians().cos(), i as f64 * t.to_radians().sin());
+                        assert!(
+                            (dx as f64 - ex).abs() <= 0.5 + 1e-9
+                                && (dy as f64 - ey).abs() <= 0.5 + 1e-9
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_point_is_smeared_into_the_kernels_line() {
+        // A white pixel at (20, 20) on black, blurred along 0°: output (x, 20) reads (x + i, 20),
+        // so the point shows at x = 20 - i with weight k_i.
+        let (w, h) = (41, 41);
+        let mut data = vec![0u8; w * h * 3];
+        data[(20 * w + 20) * 3..(20 * w + 21) * 3].fill(255);
+        let img = RgbImage { width: w, height: h, data };
+        let (r, sigma) = radius_sigma(ParamSet::Cifar10c, 5);
+        let out = apply_at(&img, ParamSet::Cifar10c, r, sigma, 0.0);
+        let k = kernel(r, sigma, 0.0);
+        for (i, &(wt, _, _)) in k.iter().enumerate() {
+            assert_eq!(out.data[(20 * w + 20 - i) * 3], (255.0 * wt).round() as u8, "tap {i}");
+        }
+        let lit = out.data.chunks_exact(3).filter(|p| p[0] > 0).count();
+        let want = k.iter().filter(|t| (255.0 * t.0).round() > 0.0).count();
+        assert_eq!(lit, want);
+        // A random angle is drawn from the generator, in [-45, 45).
+        let mut a = Rng::new(3);
+        let angle = a.clone().uniform_in(-45.0, 45.0);
+        assert!((-45.0..45.0).contains(&angle));
+        assert_eq!(
+            apply(&img, ParamSet::Cifar10c, (r, sigma), &mut a),
+            apply_at(&img, ParamSet::Cifar10c, r, sigma, angle)
+        );
+    }
+}
