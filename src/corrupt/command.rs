@@ -180,7 +180,7 @@ pub fn help() -> String {
     out
 }
 
-/// One row of the source split: where it came from, its bytes and label.
+/// The source split: its parquet files, in order, and the snapshot folder holding them.
 struct Source {
     files: Vec<PathBuf>,
     root: PathBuf,
@@ -271,8 +271,8 @@ fn write_split(a: &CorruptArgs, src: &Source) -> Result<()> {
         }
     }
     let total: u64 = src.files.iter().map(|f| pq::num_rows(f)).sum::<Result<u64, _>>()?;
-    let first = pq::RowBatches::open(&src.files[0])?;
-    drop(first);
+    // Check the columns before writing anything.
+    pq::RowBatches::open(&src.files[0])?;
     let metadata = source_metadata(&src.files[0])?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;

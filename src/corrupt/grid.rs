@@ -60,10 +60,6 @@ pub fn write_grid(a: &CorruptArgs, files: &[std::path::PathBuf], out: &Path) -> 
     let left = names.iter().map(|n| text_width(n)).max().unwrap_or(0) + 2 * GAP;
     let top = 3 * LINE + 2 * GAP;
     let (cwu, chu) = (cw as u32, ch as u32);
-    let width = left + 6 * (cwu + GAP) + GAP;
-    let height = top + names.len() as u32 * (chu + GAP) + GAP;
-    let mut canvas = Canvas::new(width, height);
-    let black = [0, 0, 0];
     let title = format!(
         "{} {} row {} ({} parameters, seed {})",
         a.dataset,
@@ -72,6 +68,10 @@ pub fn write_grid(a: &CorruptArgs, files: &[std::path::PathBuf], out: &Path) -> 
         a.params.name(),
         a.seed
     );
+    let width = (left + 6 * (cwu + GAP) + GAP).max(text_width(&title) + 2 * GAP);
+    let height = top + names.len() as u32 * (chu + GAP) + GAP;
+    let mut canvas = Canvas::new(width, height);
+    let black = [0, 0, 0];
     canvas.text(GAP, GAP, &title, black, false);
     for (j, label) in ["clean", "1", "2", "3", "4", "5"].iter().enumerate() {
         let x = left + j as u32 * (cwu + GAP) + cwu.saturating_sub(text_width(label)) / 2;
