@@ -251,6 +251,7 @@ fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
 }
 
 fn write_split(a: &CorruptArgs, src: &Source) -> Result<()> {
+    let started = std::time::Instant::now();
     let corruption = a.corruption.context("corrupt: --corruption is required")?;
     let name = a.split_name();
     check_split_name(&name)?;
@@ -330,7 +331,8 @@ fn write_split(a: &CorruptArgs, src: &Source) -> Result<()> {
         .with_context(|| format!("corrupt: publishing split `{name}` of `{}`", a.dataset))?;
     tracing::info!(
         dataset = %a.dataset, split = %a.split, corruption = corruption.name(), severity = a.severity,
-        params = a.params.name(), seed = a.seed, rows, file = %target.display(), "wrote split `{name}`"
+        params = a.params.name(), seed = a.seed, rows,
+        seconds = started.elapsed().as_secs_f64(), file = %target.display(), "wrote split `{name}`"
     );
     Ok(())
 }
