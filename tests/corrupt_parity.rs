@@ -1,7 +1,7 @@
 //! FusionBench's deterministic corruptions (contrast, pixelate, jpeg_compression; CIFAR-10-C
 //! parameters), bit for bit: ours on the fixture images against the goldens of
 //! `scripts/fixtures/golden_corruption.py` (FusionBench 0.2.33's own functions, Pillow 13,
-//! libjpeg-turbo), every severity.
+//! libjpeg-turbo), every severity; for JPEG also the encoded file, byte for byte.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +10,7 @@ use fusion_bench::corrupt::{corrupt_image, Corruption, ParamSet};
 use fusion_bench::data::{decode_rgb, files, parquet, RgbImage};
 use fusion_bench::hub::Hub;
 use serde_json::Value;
+use sha2::Digest;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -48,6 +49,20 @@ fn deterministic_corruptions_match_fusionbench_bit_for_bit() {
             (want.height, want.width),
             (e["height"].as_u64().unwrap() as usize, e["width"].as_u64().unwrap() as usize)
         );
+        if let Some(sha) = e.get("jpeg_sha256").and_then(Value::as_str) {
+            // The encoder's bytes too: Pillow's JPEG file, byte for byte.
+            let q = e["jpeg_quality"].as_u64().unwrap() as u8;
+            let bytes = fusion_bench::corrupt::jpeg_compression::encode(&img, q).unwrap();
+            let got = format!("{:x}", sha2::Sha256::digest(&bytes));
+            if got != sha {
+                failures.push(format!(
+                    "{}: JPEG bytes differ ({} bytes, Pillow's {})",
+                    e["file"].as_str().unwrap(),
+                    bytes.len(),
+                    e["jpeg_len"]
+                ));
+            }
+        }
         if ours != want {
             let diff = if (ours.width, ours.height) == (want.width, want.height) {
                 let n = ours.data.iter().zip(&want.data).filter(|(a, b)| a != b).count();
