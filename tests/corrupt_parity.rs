@@ -33,7 +33,7 @@ fn deterministic_corruptions_match_fusionbench_bit_for_bit() {
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     let entries = manifest["entries"].as_array().unwrap();
-    assert_eq!(entries.len(), 120);
+    assert_eq!(entries.len(), 240);
     let mut cache = std::collections::HashMap::new();
     let mut failures = Vec::new();
     for e in entries {
@@ -43,7 +43,8 @@ fn deterministic_corruptions_match_fusionbench_bit_for_bit() {
         let c = Corruption::parse(e["corruption"].as_str().unwrap()).unwrap();
         let severity = e["severity"].as_u64().unwrap() as u8;
         let img = decode_rgb(&rows[row].bytes).unwrap();
-        let ours = corrupt_image(c, ParamSet::Cifar10c, severity, &img, &mut Rng::new(0)).unwrap();
+        let set = ParamSet::parse(e["params"].as_str().unwrap()).unwrap();
+        let ours = corrupt_image(c, set, severity, &img, &mut Rng::new(0)).unwrap();
         let want = golden(&dir, e["file"].as_str().unwrap());
         assert_eq!(
             (want.height, want.width),
@@ -74,5 +75,5 @@ fn deterministic_corruptions_match_fusionbench_bit_for_bit() {
             failures.push(format!("{}: {diff}", e["file"].as_str().unwrap()));
         }
     }
-    assert!(failures.is_empty(), "{} of 120 differ:\n{}", failures.len(), failures.join("\n"));
+    assert!(failures.is_empty(), "{} of 240 differ:\n{}", failures.len(), failures.join("\n"));
 }

@@ -6,7 +6,8 @@
 //! FusionBench's `fusion_bench/dataset/image_corruption/make_corruption.py`), one file each, at
 //! severities 1-5 with two parameter tables: FusionBench's (CIFAR-10-C, `cifar10c`, the default)
 //! and ImageNet-C's (`imagenetc`, as the `imagecorruptions` package). Contrast, pixelate and JPEG
-//! compression are bit for bit FusionBench's; the random ones draw from a generator per image
+//! compression are bit for bit the references' (FusionBench's functions for `cifar10c`,
+//! `imagecorruptions`' for `imagenetc`; `tests/corrupt_parity.rs`); the random ones draw from a generator per image
 //! ([`rng::Rng::for_image`]), so a split's bytes depend on the seed only, not on the threads.
 //!
 //! The new split: `data/<name>-00000-of-00001.parquet` in the dataset's snapshot folder, with the

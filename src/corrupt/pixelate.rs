@@ -4,7 +4,7 @@
 //! `int(32c) × int(32c)` and back to **32×32** whatever the input size, so with `cifar10c`
 //! parameters every output is 32×32 (bit for bit FusionBench's). ImageNet-C's
 //! (`imagecorruptions`) resizes to `int(w·c) × int(h·c)` with `BOX` and back to `w × h` with
-//! `NEAREST`, keeping the size.
+//! `NEAREST`, keeping the size (both bit for bit Pillow's).
 
 use super::ParamSet;
 use crate::data::resize::resize_box;
@@ -34,19 +34,31 @@ pub fn apply(img: &RgbImage, set: ParamSet, c: f64) -> RgbImage {
     }
 }
 
-/// Nearest-neighbour resize: output pixel `(x, y)` takes input pixel
-/// `(⌊(x + ½)·w_in/w_out⌋, ⌊(y + ½)·h_in/h_out⌋)`.
+/// Pillow's `resize(size, NEAREST)` (`ImagingScaleAffine`): output column `x` reads input
+/// column `(int)xo`, where `xo` starts at `½·w_in/w_out` and grows by `w_in/w_out` per column
+/// (accumulated in double, as Pillow does), rows likewise; positions past the input stay black.
 pub fn resize_nearest(src: &RgbImage, width: usize, height: usize) -> RgbImage {
-    let pick = |o: usize, n_out: usize, n_in: usize| {
-        (((o as f64 + 0.5) * n_in as f64 / n_out as f64) as usize).min(n_in.saturating_sub(1))
+    let table = |n_out: usize, n_in: usize| -> Vec<Option<usize>> {
+        let step = n_in as f64 / n_out as f64;
+        let mut pos = step * 0.5;
+        (0..n_out)
+            .map(|_| {
+                let i = (pos >= 0.0 && (pos as usize) < n_in).then_some(pos as usize);
+                pos += step;
+                i
+            })
+            .collect()
     };
-    let mut data = Vec::with_capacity(width * height * 3);
-    for y in 0..height {
-        let sy = pick(y, height, src.height);
-        for x in 0..width {
-            let sx = pick(x, width, src.width);
-            let i = (sy * src.width + sx) * 3;
-            data.extend_from_slice(&src.data[i..i + 3]);
+    let (xs, ys) = (table(width, src.width), table(height, src.height));
+    let mut data = vec![0u8; width * height * 3];
+    for (y, sy) in ys.iter().enumerate() {
+        let Some(sy) = sy else { continue };
+        for (x, sx) in xs.iter().enumerate() {
+            if let Some(sx) = sx {
+                let i = (sy * src.width + sx) * 3;
+                data[(y * width + x) * 3..(y * width + x + 1) * 3]
+                    .copy_from_slice(&src.data[i..i + 3]);
+            }
         }
     }
     RgbImage { width, height, data }
