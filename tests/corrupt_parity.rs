@@ -77,3 +77,33 @@ fn deterministic_corruptions_match_fusionbench_bit_for_bit() {
     }
     assert!(failures.is_empty(), "{} of 240 differ:\n{}", failures.len(), failures.join("\n"));
 }
+
+/// The water texture of `spatter` (OpenCV's Canny → distance transform → blur → equalizeHist →
+/// emboss → blur, re-implemented) on liquid layers made by the reference, against OpenCV's.
+#[test]
+fn spatter_water_texture_matches_opencv() {
+    let dir = root().join("tests/fixtures/golden/corruption");
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let cases = manifest["spatter_textures"].as_array().unwrap();
+    assert_eq!(cases.len(), 12);
+    let mut report = Vec::new();
+    let (mut differ, mut total) = (0usize, 0usize);
+    for c in cases {
+        let layer = golden(&dir, c["layer"].as_str().unwrap());
+        let want = golden(&dir, c["texture"].as_str().unwrap());
+        let l8: Vec<u8> = layer.data.chunks_exact(3).map(|p| p[0]).collect();
+        let ours = fusion_bench::corrupt::spatter::water_texture(&l8, layer.width, layer.height);
+        let n = ours
+            .iter()
+            .zip(want.data.chunks_exact(3))
+            .filter(|(o, w)| **o != f64::from(w[0]))
+            .count();
+        differ += n;
+        total += ours.len();
+        if n > 0 {
+            report.push(format!("{}: {n} of {} differ", c["texture"], ours.len()));
+        }
+    }
+    assert!(differ == 0, "{differ} of {total} texture values differ:\n{}", report.join("\n"));
+}
