@@ -74,6 +74,9 @@ pub enum Command {
     Sweep,
     /// Run the composed config once (or print it, with `--cfg`).
     Run,
+    /// `fusion_bench corrupt ...`: write a corrupted split ([`crate::corrupt`]); the words after
+    /// `corrupt`.
+    Corrupt(Vec<String>),
 }
 
 /// The parsed command line.
@@ -94,6 +97,13 @@ fn find(name: &str) -> Option<&'static Flag> {
 impl Cli {
     /// Parses the words after the program name.
     pub fn parse(args: &[String]) -> Result<Self> {
+        if args.first().map(String::as_str) == Some("corrupt") {
+            return Ok(Self {
+                command: Command::Corrupt(args[1..].to_vec()),
+                launch: LaunchFlags::default(),
+                config_args: Vec::new(),
+            });
+        }
         let mut launch = LaunchFlags::default();
         let mut config_args = Vec::new();
         let (mut help, mut version, mut prefetch, mut multirun) = (false, false, false, false);
@@ -212,6 +222,15 @@ pub fn help() -> String {
     for (s, h) in cols {
         out.push_str(&format!("  {s:<w$}  {h}\n"));
     }
+    out.push_str("\nCommands:\n  corrupt  write a corrupted copy of a dataset split into the hub cache (then `split: NAME`\n           evaluates on it); `fusion_bench corrupt --help` for details:\n");
+    for f in crate::corrupt::FLAGS {
+        let mut s = f.names.join(", ");
+        if let Some(v) = f.value {
+            s.push(' ');
+            s.push_str(v);
+        }
+        out.push_str(&format!("    {s:<30}  {}\n", f.help));
+    }
     out.push_str("\nMethods (method=...): ");
     out.push_str(&crate::methods::available().join(", "));
     out.push_str(
@@ -256,6 +275,10 @@ mod tests {
         assert_eq!(parse("--prefetch method=dummy").unwrap().command, Command::Prefetch);
         assert_eq!(parse("method=dummy -h").unwrap().command, Command::Help);
         assert_eq!(parse("--version").unwrap().command, Command::Version);
+        assert_eq!(
+            parse("corrupt --dataset d --help").unwrap().command,
+            Command::Corrupt(vec!["--dataset".into(), "d".into(), "--help".into()])
+        );
     }
 
     #[test]
@@ -280,6 +303,10 @@ mod tests {
                 assert!(h.contains(n), "--help lacks {n}");
             }
         }
+        for f in crate::corrupt::FLAGS {
+            assert!(h.contains(f.names[0]), "--help lacks corrupt's {}", f.names[0]);
+        }
+        assert!(h.contains("Commands:\n  corrupt"));
         for m in crate::methods::available() {
             assert!(h.contains(m.as_str()), "--help lacks method {m}");
         }

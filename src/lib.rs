@@ -5,11 +5,13 @@
 //! [`data`] reads parquet image datasets and preprocesses them, [`tasks`] builds zero-shot heads
 //! and metrics. [`methods`] holds one file per method behind one registry, [`program`] runs a
 //! composed config (method, then evaluation), [`sweep`] runs `-m` sweeps, [`launch`] gives a
-//! process its role in a cluster and [`cli`] reads the command line.
+//! process its role in a cluster and [`cli`] reads the command line; [`corrupt`] writes corrupted
+//! copies of dataset splits (`fusion_bench corrupt`).
 #![warn(missing_docs)]
 
 pub mod cli;
 pub mod config;
+pub mod corrupt;
 pub mod data;
 pub mod device;
 pub mod hub;

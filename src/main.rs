@@ -1,7 +1,7 @@
 //! `fusion_bench`: FusionBench's command line, on libtorch. `fusion_bench --help` lists the flags.
 //!
 //! This file only parses and dispatches: the command line is [`fusion_bench::cli`], the launch
-//! roles [`fusion_bench::launch`], one run [`fusion_bench::program::run_config`], sweeps
+//! roles [`fusion_bench::launch`], `corrupt` [`fusion_bench::corrupt::run`], one run [`fusion_bench::program::run_config`], sweeps
 //! [`fusion_bench::sweep`].
 
 use anyhow::Result;
@@ -21,7 +21,7 @@ fn main() -> Result<()> {
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cli = Cli::parse(&args)?;
-    match cli.command {
+    match &cli.command {
         Command::Help => {
             print!("{}", cli::help());
             return Ok(());
@@ -30,6 +30,7 @@ fn main() -> Result<()> {
             println!("{}", cli::version());
             return Ok(());
         }
+        Command::Corrupt(args) => return fusion_bench::corrupt::run(args),
         _ => {}
     }
     let launch =

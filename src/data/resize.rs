@@ -1,4 +1,5 @@
-//! Pillow's `Image.resize(size, Image.BICUBIC)` for 8-bit RGB, bit for bit.
+//! Pillow's `Image.resize(size, Image.BICUBIC)` (and `Image.BOX`, for the pixelate corruption)
+//! for 8-bit RGB, bit for bit.
 //!
 //! A port of the algorithm of Pillow's `libImaging/Resample.c` (`ImagingResample`), written from
 //! its description: a separable convolution, the horizontal pass first (only when the width
@@ -36,11 +37,29 @@ struct Taps {
     weights: Vec<i32>,
 }
 
-fn taps(in_size: usize, out_size: usize) -> Taps {
-    const SUPPORT: f64 = 2.0;
+/// Pillow's `box_filter`: 1 on `(-0.5, 0.5]`, else 0 (support 0.5).
+fn box_filter(x: f64) -> f64 {
+    if x > -0.5 && x <= 0.5 {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// A resampling filter: the function and its support (Pillow's `struct filter`).
+#[derive(Clone, Copy)]
+struct Filter {
+    f: fn(f64) -> f64,
+    support: f64,
+}
+
+const BICUBIC: Filter = Filter { f: bicubic, support: 2.0 };
+const BOX: Filter = Filter { f: box_filter, support: 0.5 };
+
+fn taps(in_size: usize, out_size: usize, filter: Filter) -> Taps {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = SUPPORT * filterscale;
+    let support = filter.support * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let inv_filterscale = 1.0 / filterscale;
     let mut start = Vec::with_capacity(out_size);
@@ -55,7 +74,7 @@ fn taps(in_size: usize, out_size: usize) -> Taps {
         let n = (xmax - xmin).min(ksize);
         let mut ww = 0.0f64;
         for (x, kx) in k.iter_mut().enumerate().take(n) {
-            let w = bicubic(((x + xmin) as f64 - center + 0.5) * inv_filterscale);
+            let w = (filter.f)(((x + xmin) as f64 - center + 0.5) * inv_filterscale);
             *kx = w;
             ww += w;
         }
@@ -82,6 +101,16 @@ const HALF: i32 = 1 << (PRECISION_BITS - 1);
 ///
 /// Same size → a copy, as in Pillow. Zero output sizes give an empty image.
 pub fn resize_bicubic(src: &RgbImage, out_width: usize, out_height: usize) -> RgbImage {
+    resize_with(src, out_width, out_height, BICUBIC)
+}
+
+/// Resize an RGB image to `out_width × out_height` with Pillow's `Image.BOX` filter (exact):
+/// each output pixel is the fixed-point average of the input pixels its box covers.
+pub fn resize_box(src: &RgbImage, out_width: usize, out_height: usize) -> RgbImage {
+    resize_with(src, out_width, out_height, BOX)
+}
+
+fn resize_with(src: &RgbImage, out_width: usize, out_height: usize, filter: Filter) -> RgbImage {
     if out_width == 0 || out_height == 0 || src.width == 0 || src.height == 0 {
         return RgbImage {
             width: out_width,
@@ -97,19 +126,19 @@ pub fn resize_bicubic(src: &RgbImage, out_width: usize, out_height: usize) -> Rg
     let vertical_first = dh > 0 && dh > dw * 2;
     let mut img = std::borrow::Cow::Borrowed(src);
     if vertical_first && need_v {
-        img = std::borrow::Cow::Owned(vertical_pass(&img, out_height));
+        img = std::borrow::Cow::Owned(vertical_pass(&img, out_height, filter));
     }
     if need_h {
-        img = std::borrow::Cow::Owned(horizontal_pass(&img, out_width));
+        img = std::borrow::Cow::Owned(horizontal_pass(&img, out_width, filter));
     }
     if !vertical_first && need_v {
-        img = std::borrow::Cow::Owned(vertical_pass(&img, out_height));
+        img = std::borrow::Cow::Owned(vertical_pass(&img, out_height, filter));
     }
     img.into_owned()
 }
 
-fn horizontal_pass(src: &RgbImage, out_width: usize) -> RgbImage {
-    let htaps = taps(src.width, out_width);
+fn horizontal_pass(src: &RgbImage, out_width: usize, filter: Filter) -> RgbImage {
+    let htaps = taps(src.width, out_width, filter);
     let mut out = vec![0u8; src.height * out_width * 3];
     for (y, out_row) in out.chunks_exact_mut(out_width * 3).enumerate() {
         let line = &src.data[y * src.width * 3..(y + 1) * src.width * 3];
@@ -118,8 +147,8 @@ fn horizontal_pass(src: &RgbImage, out_width: usize) -> RgbImage {
     RgbImage { width: out_width, height: src.height, data: out }
 }
 
-fn vertical_pass(src: &RgbImage, out_height: usize) -> RgbImage {
-    let vtaps = taps(src.height, out_height);
+fn vertical_pass(src: &RgbImage, out_height: usize, filter: Filter) -> RgbImage {
+    let vtaps = taps(src.height, out_height, filter);
     let stride = src.width * 3;
     let mut out = vec![0u8; out_height * stride];
     let mut acc = vec![0i32; stride];

@@ -2,7 +2,7 @@
 //! separators `", "` and `": "`, no indent, Python `repr` floats (`1e-05`, `0.5`, `1.0`),
 //! `NaN`/`Infinity` for non-finite values.
 
-mod canvas;
+pub(crate) mod canvas;
 pub mod heatmap;
 pub mod metrics_log;
 pub mod plot;
