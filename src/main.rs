@@ -1,8 +1,8 @@
 //! `fusion_bench`: FusionBench's command line, on libtorch. `fusion_bench --help` lists the flags.
 //!
 //! This file only parses and dispatches: the command line is [`fusion_bench::cli`], the launch
-//! roles [`fusion_bench::launch`], `corrupt` [`fusion_bench::corrupt::run`], one run [`fusion_bench::program::run_config`], sweeps
-//! [`fusion_bench::sweep`].
+//! roles [`fusion_bench::launch`], `corrupt` [`fusion_bench::corrupt::run`], one run
+//! [`fusion_bench::program::run_config`], sweeps [`fusion_bench::sweep`].
 
 use anyhow::Result;
 use fusion_bench::cli::{self, Cli, Command};
