@@ -3,6 +3,8 @@
 //! thread count, and refuses bad input by name without leaving anything half-written.
 
 use std::path::{Path, PathBuf};
+
+mod common;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
@@ -13,19 +15,6 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let dest = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &dest);
-        } else {
-            std::fs::copy(&p, &dest).unwrap();
-        }
-    }
-}
-
 /// A copy of the fixture hub cache (only the datasets, and the models when `models`).
 fn hf_home(tmp: &Path, models: bool) -> PathBuf {
     let home = tmp.join("hf_home");
@@ -34,7 +23,7 @@ fn hf_home(tmp: &Path, models: bool) -> PathBuf {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().to_string();
         if name.starts_with("datasets--") || models {
-            copy_dir(&p, &home.join("hub").join(name));
+            common::copy_dir(&p, &home.join("hub").join(name));
         }
     }
     home

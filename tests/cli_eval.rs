@@ -180,11 +180,11 @@ fn broken_dataset_names_dataset_and_file_and_writes_no_report() {
     let src = root().join("tests/fixtures/hf_home");
     let tmp = tempfile::tempdir().unwrap();
     let hf_home = tmp.path().join("hf_home");
-    copy_dir(&src, &hf_home);
+    common::copy_dir(&src, &hf_home);
     // Corrupt every parquet file of DTD (the last task) so that earlier tasks succeed first.
     let dtd = hf_home.join("hub/datasets--tanganke--dtd");
     let mut corrupted = 0;
-    for f in walk(&dtd).into_iter().filter(|p| p.to_string_lossy().contains("test-")) {
+    for f in common::walk(&dtd).into_iter().filter(|p| p.to_string_lossy().contains("test-")) {
         std::fs::write(&f, b"PAR1 this is not parquet PAR1").unwrap();
         corrupted += 1;
     }
@@ -201,32 +201,6 @@ fn broken_dataset_names_dataset_and_file_and_writes_no_report() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tanganke/not-a-model") && err.contains("hub"), "{err}");
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let dest = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &dest);
-        } else {
-            std::fs::copy(&p, &dest).unwrap();
-        }
-    }
 }
 
 #[test]
@@ -282,8 +256,8 @@ fn label_out_of_range_is_named_with_file_and_row() {
 
     let tmp = tempfile::tempdir().unwrap();
     let hf_home = tmp.path().join("hf_home");
-    copy_dir(&root().join("tests/fixtures/hf_home"), &hf_home);
-    let file = walk(&hf_home.join("hub/datasets--ylecun--mnist"))
+    common::copy_dir(&root().join("tests/fixtures/hf_home"), &hf_home);
+    let file = common::walk(&hf_home.join("hub/datasets--ylecun--mnist"))
         .into_iter()
         .find(|p| p.to_string_lossy().contains("test-"))
         .unwrap();

@@ -364,21 +364,43 @@ async fn all_reduce<S: RingSend, R: RingRecv>(
             }
         }
         if rank != last {
-            for i in 0..k {
-                let range = chunk_range(len, k, i);
-                let msg = next(&mut q).await?;
-                let done = check(&msg, tag(GATHER, i), range.len())?;
-                for (b, v) in buf[range].iter_mut().zip(floats(done)) {
-                    *b = v;
-                }
-                if rank + 2 != n {
-                    tx.send_next(msg).await?;
-                }
-            }
+            gather(tx, &mut q, rank, n, |i| tag(GATHER, i), k, buf).await?;
         }
         Ok(())
     };
     tokio::try_join!(pump(rx, expected, qtx), work).map(|_| ())
+}
+
+/// The gather phase shared by the reductions: the last rank's finished chunks arrive from the
+/// previous rank, are copied into `buf` and passed on (by every rank but the one before the last).
+async fn gather<S: RingSend>(
+    tx: &mut S,
+    q: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+    rank: usize,
+    n: usize,
+    tag: impl Fn(usize) -> Tag,
+    k: usize,
+    buf: &mut [f32],
+) -> Result<(), CollectiveError> {
+    let len = buf.len();
+    for i in 0..k {
+        let range = chunk_range(len, k, i);
+        let msg = next(q).await?;
+        let done = check(&msg, tag(i), range.len())?;
+        for (b, v) in buf[range].iter_mut().zip(floats(done)) {
+            *b = v;
+        }
+        if rank + 2 != n {
+            tx.send_next(msg).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The sum [`Ring::reduce_parts`] computes, on one rank alone: `((p₀ + p₁) + p₂) + …` left to
+/// right in `f32`, starting from the first part; zeros of length `len` without any part.
+pub fn sequential_sum(parts: &[&[f32]], len: usize) -> Vec<f32> {
+    add_parts(None, parts, 0..len).unwrap_or_else(|| vec![0.0; len])
 }
 
 /// `acc` (the sum so far, `None` before any part) plus each of `parts`' chunk `range`, in order.
@@ -417,10 +439,7 @@ async fn reduce_parts<S: RingSend, R: RingRecv>(
 ) -> Result<(), CollectiveError> {
     let len = out.len();
     if n == 1 {
-        match add_parts(None, parts, 0..len) {
-            Some(sum) => out.copy_from_slice(&sum),
-            None => out.fill(0.0),
-        }
+        out.copy_from_slice(&sequential_sum(parts, len));
         return Ok(());
     }
     let k = chunk_count(len, chunk_floats);
@@ -454,17 +473,7 @@ async fn reduce_parts<S: RingSend, R: RingRecv>(
             }
         }
         if rank != last {
-            for i in 0..k {
-                let range = chunk_range(len, k, i);
-                let msg = next(&mut q).await?;
-                let done = check(&msg, tag(GATHER, i), range.len())?;
-                for (b, v) in out[range].iter_mut().zip(floats(done)) {
-                    *b = v;
-                }
-                if rank + 2 != n {
-                    tx.send_next(msg).await?;
-                }
-            }
+            gather(tx, &mut q, rank, n, |i| tag(GATHER, i), k, out).await?;
         }
         Ok(())
     };

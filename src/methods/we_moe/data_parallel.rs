@@ -18,7 +18,8 @@
 //! changed; the driver forms a new generation with the processes left and recomputes the step
 //! from the last committed state (a rank that had already summed it drops that sum).
 //!
-//! Alone (no remote worker) the executor folds its items itself: no ring, no network.
+//! Alone (no remote worker) the executor sums its items itself
+//! ([`fusion_cluster::collectives::ring::sequential_sum`], the ring's own fold): no network.
 
 use super::step::{f32_bytes, StepItem};
 use crate::tta::adam::AdamState;
@@ -147,22 +148,10 @@ pub fn layout(generation: u64, hellos: &[Hello]) -> anyhow::Result<Option<RingLa
     Ok(Some(RingLayout { generation, addrs }))
 }
 
-/// The sequential float32 fold of `parts` (`((p₀ + p₁) + p₂) + …`), zeros without any: what
-/// the ring computes, for a process alone.
-pub fn fold_parts(parts: &[&[f32]], len: usize) -> Vec<f32> {
-    let Some((first, rest)) = parts.split_first() else {
-        return vec![0.0; len];
-    };
-    let mut acc = first.to_vec();
-    for p in rest {
-        acc.iter_mut().zip(p.iter()).for_each(|(a, x)| *a += x);
-    }
-    acc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fusion_cluster::collectives::ring::sequential_sum;
 
     #[test]
     fn blocks_are_contiguous_and_balanced() {
@@ -194,8 +183,8 @@ mod tests {
 
     #[test]
     fn folding_parts_is_left_to_right_in_float32() {
-        assert_eq!(fold_parts(&[&[1e8], &[1.0], &[-1e8]], 1), vec![0.0]);
-        assert_eq!(fold_parts(&[], 2), vec![0.0, 0.0]);
+        assert_eq!(sequential_sum(&[&[1e8], &[1.0], &[-1e8]], 1), vec![0.0]);
+        assert_eq!(sequential_sum(&[], 2), vec![0.0, 0.0]);
         let full = RouterBroadcast::full(
             3,
             vec![1.0, 2.0, 3.0],

@@ -5,9 +5,7 @@
 //! driver commits the step (see [`super::data_parallel`]), so any process computes the same
 //! result for an item, and the sum does not depend on who computed what.
 
-use super::data_parallel::{
-    fold_parts, BlockResult, Hello, RouterBroadcast, RouterWork, RING_FAILED,
-};
+use super::data_parallel::{BlockResult, Hello, RouterBroadcast, RouterWork, RING_FAILED};
 use crate::models::clip::encoder::LoadOptions;
 use crate::models::clip::{ClipVision, VisionConfig};
 use crate::tasks::set::TaskSet;
@@ -343,7 +341,7 @@ impl RouterExecutor {
         let n: usize = self.params.iter().map(|t| t.numel()).sum();
         let started = Instant::now();
         let sum = match layout {
-            None => fold_parts(&parts, n),
+            None => fusion_cluster::collectives::ring::sequential_sum(&parts, n),
             Some(layout) => {
                 let member =
                     self.ring.as_mut().and_then(|r| r.member.as_mut()).context(
