@@ -6,7 +6,7 @@
 //! are taken out here.
 
 use crate::launch::LaunchFlags;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// Who reads a flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,11 +98,7 @@ impl Cli {
     /// Parses the words after the program name.
     pub fn parse(args: &[String]) -> Result<Self> {
         if args.first().map(String::as_str) == Some("corrupt") {
-            return Ok(Self {
-                command: Command::Corrupt(args[1..].to_vec()),
-                launch: LaunchFlags::default(),
-                config_args: Vec::new(),
-            });
+            return Self::parse_corrupt(&args[1..]);
         }
         let mut launch = LaunchFlags::default();
         let mut config_args = Vec::new();
@@ -159,15 +155,8 @@ impl Cli {
                     multirun = true;
                     continue;
                 }
-                "--serve" => &mut launch.serve,
-                "--join" => &mut launch.join,
-                "--min-workers" => &mut launch.min_workers,
-                "--wait" => &mut launch.wait,
-                "--hosts" => &mut launch.hosts,
-                "--rank" => &mut launch.rank,
-                "--job-dir" => &mut launch.job_dir,
-                "--node-name" => &mut launch.node_name,
-                other => unreachable!("flag {other} of FLAGS has no slot"),
+                other => launch_slot(&mut launch, other)
+                    .unwrap_or_else(|| unreachable!("flag {other} of FLAGS has no slot")),
             };
             if slot.is_some() {
                 bail!("{name} given twice");
@@ -189,6 +178,55 @@ impl Cli {
         };
         Ok(Self { command, launch, config_args })
     }
+}
+
+impl Cli {
+    /// `corrupt ARGS`: the launch flags (`--serve`, `--join`, `--hosts`, ...) are this
+    /// program's, as for a run; every other word is the corrupt command's.
+    fn parse_corrupt(args: &[String]) -> Result<Self> {
+        let mut launch = LaunchFlags::default();
+        let mut rest = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            let arg = &args[i];
+            i += 1;
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+                _ => (arg.as_str(), None),
+            };
+            let Some(slot) = launch_slot(&mut launch, name) else {
+                rest.push(arg.clone());
+                continue;
+            };
+            let value = match inline {
+                Some(v) => v,
+                None => {
+                    let v = args.get(i).filter(|v| !v.starts_with("--"));
+                    i += 1;
+                    v.with_context(|| format!("corrupt: {name} needs a value"))?.clone()
+                }
+            };
+            if slot.replace(value).is_some() {
+                bail!("corrupt: {name} given twice");
+            }
+        }
+        Ok(Self { command: Command::Corrupt(rest), launch, config_args: Vec::new() })
+    }
+}
+
+/// Where the launch flag `name` (its long name) goes; `None` for any other word.
+fn launch_slot<'a>(launch: &'a mut LaunchFlags, name: &str) -> Option<&'a mut Option<String>> {
+    Some(match name {
+        "--serve" => &mut launch.serve,
+        "--join" => &mut launch.join,
+        "--min-workers" => &mut launch.min_workers,
+        "--wait" => &mut launch.wait,
+        "--hosts" => &mut launch.hosts,
+        "--rank" => &mut launch.rank,
+        "--job-dir" => &mut launch.job_dir,
+        "--node-name" => &mut launch.node_name,
+        _ => return None,
+    })
 }
 
 /// `fusion_bench --version`: the program, its version and numerics version, libtorch's.
@@ -279,6 +317,17 @@ mod tests {
             parse("corrupt --dataset d --help").unwrap().command,
             Command::Corrupt(vec!["--dataset".into(), "d".into(), "--help".into()])
         );
+        // The launch flags of `corrupt` are the program's, the rest the command's.
+        let c = parse("corrupt --dataset d --serve 0.0.0.0:7000 --min-workers=2 --seed 3").unwrap();
+        assert_eq!(
+            c.command,
+            Command::Corrupt(vec!["--dataset".into(), "d".into(), "--seed".into(), "3".into()])
+        );
+        assert_eq!(c.launch.serve.as_deref(), Some("0.0.0.0:7000"));
+        assert_eq!(c.launch.min_workers.as_deref(), Some("2"));
+        assert!(parse("corrupt --join").unwrap_err().to_string().contains("--join needs a value"));
+        let e = parse("corrupt --rank 0 --rank 1").unwrap_err().to_string();
+        assert!(e.contains("given twice"), "{e}");
     }
 
     #[test]

@@ -30,11 +30,13 @@ fn main() -> Result<()> {
             println!("{}", cli::version());
             return Ok(());
         }
-        Command::Corrupt(args) => return fusion_bench::corrupt::run(args),
         _ => {}
     }
     let launch =
         Launch::from_flags(&cli.launch, || Ok(fusion_cluster::slurm::SlurmTask::from_env()?))?;
+    if let Command::Corrupt(args) = &cli.command {
+        return fusion_bench::corrupt::run(args, &launch);
+    }
     if cli.command == Command::Sweep {
         return sweep::run_sweep(cli.config_args, &launch);
     }

@@ -219,6 +219,12 @@ fn same_seed_same_bytes_for_any_thread_count_and_a_grid() {
 
 /// Writes `rows` (bytes, label) as the only test file of `repo` in the copy.
 fn replace_test_split(home: &Path, repo: &str, rows: &[(Vec<u8>, i64)]) {
+    write_parquet(&snapshot(home, repo).join("data/test-00000-of-00001.parquet"), rows, None);
+}
+
+/// Writes `rows` (bytes, label) as an image-classification parquet file, in row groups of at
+/// most `row_group` rows when given.
+fn write_parquet(path: &Path, rows: &[(Vec<u8>, i64)], row_group: Option<usize>) {
     let fields = Fields::from(vec![
         Field::new("bytes", DataType::Binary, true),
         Field::new("path", DataType::Utf8, true),
@@ -233,12 +239,205 @@ fn replace_test_split(home: &Path, repo: &str, rows: &[(Vec<u8>, i64)]) {
     let image: ArrayRef = Arc::new(StructArray::try_new(fields, vec![bytes, paths], None).unwrap());
     let label: ArrayRef = Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>()));
     let batch = RecordBatch::try_new(schema.clone(), vec![image, label]).unwrap();
-    let path = snapshot(home, repo).join("data/test-00000-of-00001.parquet");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let props = row_group.map(|n| {
+        parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(n))
+            .build()
+    });
     let mut w =
-        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, None)
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, props)
             .unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
+}
+
+/// A local dataset folder larger than the fixtures: `rows` PNG images of 192×192 over two
+/// files of `data/` in row groups of 30 (so chunks cross files and row groups).
+fn large_dataset(dir: &Path, rows: usize) -> PathBuf {
+    let images: Vec<(Vec<u8>, i64)> = (0..rows)
+        .map(|i| {
+            let img = image::RgbImage::from_fn(192, 192, |x, y| {
+                let v = (x * 3 + y * 5 + i as u32 * 7) % 256;
+                image::Rgb([v as u8, (255 - v) as u8, ((x ^ y) + i as u32) as u8])
+            });
+            let mut out = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+            (out, (i % 10) as i64)
+        })
+        .collect();
+    let half = rows * 3 / 5;
+    write_parquet(&dir.join("data/test-00000-of-00002.parquet"), &images[..half], Some(30));
+    write_parquet(&dir.join("data/test-00001-of-00002.parquet"), &images[half..], Some(30));
+    dir.to_path_buf()
+}
+
+/// The corrupt line of the cluster tests on dataset folder `data`, writing split `name`.
+fn cluster_line(data: &Path, name: &str) -> Vec<String> {
+    let mut a: Vec<String> = ["corrupt", "--dataset"].map(String::from).to_vec();
+    a.push(data.display().to_string());
+    a.extend(
+        [
+            "--corruption",
+            "spatter",
+            "--params",
+            "imagenetc",
+            "--seed",
+            "5",
+            "--threads",
+            "1",
+            "--chunk-rows",
+            "4",
+            "--name",
+            name,
+        ]
+        .map(String::from),
+    );
+    a
+}
+
+fn corrupt_command(hf_home: &Path, args: &[String]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fusion_bench"));
+    c.args(args)
+        .env("HF_HOME", hf_home)
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HUGGINGFACE_HUB_CACHE")
+        .env("FUSION_BENCH_FAST_TIMEOUTS", "1")
+        .env("RUST_BACKTRACE", "0")
+        .current_dir(hf_home.parent().unwrap());
+    c
+}
+
+/// A large split shared by a coordinator and two workers (each process one thread, chunks of
+/// 4 rows) is byte for byte the split one process writes, also when a worker is killed
+/// (SIGKILL) once it has corrupted a chunk: its chunks go to the others.
+#[test]
+fn a_cluster_writes_the_single_process_split_also_with_a_worker_killed() {
+    use common::cluster::Coordinator;
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("hf_home");
+    std::fs::create_dir_all(&home).unwrap();
+    let data = large_dataset(&tmp.path().join("big"), 150);
+    let one = corrupt_command(&home, &cluster_line(&data, "one")).output().unwrap();
+    assert!(one.status.success(), "{}", stderr(&one));
+    let single = std::fs::read(data.join("data/one-00000-of-00001.parquet")).unwrap();
+    for (name, kill) in [("two", false), ("three", true)] {
+        let job = tmp.path().join(format!("job-{name}"));
+        let launch = |extra: &[&str]| {
+            let mut a = cluster_line(&data, name);
+            a.extend(["--job-dir".to_string(), job.display().to_string()]);
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        let coordinator =
+            corrupt_command(&home, &launch(&["--serve", "127.0.0.1:0", "--min-workers", "2"]));
+        let (coord, addr) = Coordinator::spawn(coordinator);
+        let logs: Vec<PathBuf> =
+            (0..2).map(|i| tmp.path().join(format!("{name}-w{i}.log"))).collect();
+        let mut workers: Vec<_> = (0..2)
+            .map(|i| {
+                let node = format!("w{i}");
+                let mut c =
+                    corrupt_command(&home, &launch(&["--join", &addr, "--node-name", &node]));
+                let log = std::fs::File::create(&logs[i]).unwrap();
+                c.env("RUST_LOG", "info,fusion_bench::corrupt=debug")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        if kill {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while !std::fs::read_to_string(&logs[0]).unwrap_or_default().contains("chunk done") {
+                assert!(std::time::Instant::now() < deadline, "worker 0 did no chunk");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            workers[0].kill().unwrap();
+        }
+        let (status, log) = coord.wait();
+        assert!(status.success(), "coordinator: {status}\n{log}");
+        for (i, w) in workers.iter_mut().enumerate() {
+            let s = w.wait().unwrap();
+            let wlog = std::fs::read_to_string(&logs[i]).unwrap_or_default();
+            if kill && i == 0 {
+                continue;
+            }
+            assert!(s.success(), "worker {i}: {s}\n{wlog}");
+            let items = common::cluster::worker_items(&wlog, "corrupt: worker done");
+            assert!(items.is_some_and(|n| n > 0), "worker {i} corrupted no chunk:\n{wlog}");
+        }
+        let done = log.lines().find(|l| l.contains("chunks done on the cluster")).unwrap_or("");
+        assert!(done.contains(if kill { "lost=1" } else { "lost=0" }), "{log}");
+        let written =
+            std::fs::read(data.join(format!("data/{name}-00000-of-00001.parquet"))).unwrap();
+        assert!(written == single, "{name}: the cluster's split differs from one process's");
+    }
+}
+
+/// A run killed while writing leaves only its hidden temporary file, never a split; the next
+/// run removes that file and writes the same split as an uninterrupted run.
+#[test]
+fn a_killed_run_publishes_nothing_and_the_next_run_clears_what_it_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("hf_home");
+    std::fs::create_dir_all(&home).unwrap();
+    let data = large_dataset(&tmp.path().join("big"), 150);
+    let dir = data.join("data");
+    let line = cluster_line(&data, "k");
+    let mut child =
+        corrupt_command(&home, &line).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let partial = |d: &Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".k-00000-of-00001.parquet.") && n.ends_with(".partial"))
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while partial(&dir).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no temporary file appeared");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(partial(&dir).len(), 1, "the killed run's temporary file");
+    assert!(!dir.join("k-00000-of-00001.parquet").exists(), "a split from a killed run");
+    let splits = fusion_bench::data::files::find_split_files(&data, None, "k");
+    assert!(splits.map_or(true, |f| f.is_empty()), "split `k` is visible");
+    let test = fusion_bench::data::files::find_split_files(&data, None, "test").unwrap();
+    assert_eq!(test.len(), 2, "the source split is unchanged");
+    // The next run clears the leftover and writes the split.
+    let out = corrupt_command(&home, &line).env("RUST_LOG", "info").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("removed what a killed run left"), "{}", stderr(&out));
+    assert!(partial(&dir).is_empty(), "leftover kept: {:?}", partial(&dir));
+    let rows =
+        fusion_bench::data::parquet::read_rows(&dir.join("k-00000-of-00001.parquet")).unwrap();
+    assert_eq!(rows.len(), 150);
+}
+
+/// A repository whose splits live outside `data/` (here `foo/test-*.parquet`, no card): a new
+/// `data/NAME-*` file would hide them (`datasets` then sees only the sharded `data/` layout),
+/// so the command undoes its write, says why, and leaves the folder as it was.
+#[test]
+fn a_layout_that_cannot_take_a_new_split_is_left_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = hf_home(tmp.path(), false);
+    let repo = tmp.path().join("elsewhere");
+    let src = snapshot(&home, "tanganke/eurosat").join("data/test-00000-of-00001.parquet");
+    std::fs::create_dir_all(repo.join("foo")).unwrap();
+    std::fs::copy(&src, repo.join("foo/test-00000-of-00001.parquet")).unwrap();
+    let before = tree(&repo);
+    let out =
+        run(&home, &["corrupt", "--dataset", repo.to_str().unwrap(), "--corruption", "contrast"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("does not take a new split") && err.contains("contrast"), "{err}");
+    assert!(tree(&repo) == before, "the folder changed");
+    assert!(!repo.join("data").exists(), "the data/ folder the run made is left");
 }
 
 #[test]

@@ -11,11 +11,12 @@ use arrow_schema::{DataType, Field, Fields, Schema};
 use parquet::arrow::ArrowWriter;
 use rayon::prelude::*;
 
-use super::rng::Rng;
-use super::{corrupt_image, parse_severity, Corruption, ParamSet};
+use super::chunks::{corrupt_chunk, ChunkOut, Plan};
+use super::{parse_severity, Corruption, ParamSet};
 use crate::cli::{Flag, Owner};
 use crate::data::{decode_rgb, files, parquet as pq, RgbImage};
 use crate::hub::Hub;
+use crate::launch::Launch;
 
 const fn flag(
     names: &'static [&'static str],
@@ -38,7 +39,11 @@ pub const FLAGS: &[Flag] = &[
     flag(&["--threads"], Some("N"), "worker threads (default: all cores)"),
     flag(&["--grid"], Some("FILE.png"), "instead of a split: draw one image under every corruption (or --corruption) at severities 1-5"),
     flag(&["--index"], Some("ROW"), "with --grid: the row to draw (default 0)"),
+    flag(&["--chunk-rows"], Some("N"), "rows per work item (default 64): the unit a cluster's processes share, and written as one record batch"),
 ];
+
+/// Rows per chunk unless `--chunk-rows` says otherwise.
+pub const DEFAULT_CHUNK_ROWS: usize = 64;
 
 /// The parsed arguments of `fusion_bench corrupt`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +70,8 @@ pub struct CorruptArgs {
     pub grid: Option<PathBuf>,
     /// The row drawn in the grid.
     pub index: usize,
+    /// Rows per chunk ([`super::chunks`]).
+    pub chunk_rows: usize,
 }
 
 impl CorruptArgs {
@@ -131,6 +138,10 @@ impl CorruptArgs {
             threads: number("--threads", 0)? as usize,
             grid,
             index: number("--index", 0)? as usize,
+            chunk_rows: match number("--chunk-rows", DEFAULT_CHUNK_ROWS as u64)? {
+                0 => bail!("corrupt: --chunk-rows must be at least 1"),
+                n => n as usize,
+            },
         })
     }
 
@@ -155,10 +166,14 @@ fn check_split_name(name: &str) -> Result<()> {
 pub fn help() -> String {
     let mut out = String::from(
         "Usage: fusion_bench corrupt --dataset ID [--split test] --corruption NAME [--severity 3]\n\
-         \x20      [--params cifar10c|imagenetc] [--seed 0] [--name SPLIT] [--threads N] [--grid FILE.png]\n\n\
+         \x20      [--params cifar10c|imagenetc] [--seed 0] [--name SPLIT] [--threads N] [--grid FILE.png]\n\
+         \x20      [--serve HOST:PORT | --join HOST:PORT | --hosts H1:PORT,H2,... --rank R]\n\n\
          Writes SPLIT (default: the corruption's name) beside the dataset's splits in its hub-cache\n\
          snapshot: data/SPLIT-00000-of-00001.parquet (PNG images, the source's labels) and the card's\n\
-         configs/dataset_info entries, atomically; then `split: SPLIT` evaluates on it.\n\nFlags:\n",
+         configs/dataset_info entries, atomically; then `split: SPLIT` evaluates on it.\n\
+         A large split can be shared by a cluster's processes, launched like any job (the launch\n\
+         flags of `fusion_bench --help`, or srun): each reads its chunks from its own hub cache,\n\
+         the coordinator writes the split, byte for byte what one process writes.\n\nFlags:\n",
     );
     let cols: Vec<(String, &str)> = FLAGS
         .iter()
@@ -186,14 +201,21 @@ struct Source {
     root: PathBuf,
 }
 
-/// Runs `fusion_bench corrupt ARGS`.
-pub fn run(args: &[String]) -> Result<()> {
+/// Runs `fusion_bench corrupt ARGS` in the role `launch` gives this process: alone, as the
+/// coordinator of a cluster job (which writes the split) or as one of its workers.
+pub fn run(args: &[String], launch: &Launch) -> Result<()> {
     if args.iter().any(|a| a == "-h" || a == "--help") {
         print!("{}", help());
         return Ok(());
     }
     let a = CorruptArgs::parse(args)?;
     let src = open_source(&a)?;
+    if a.grid.is_some() && launch.is_distributed() {
+        bail!("corrupt: --grid draws one image on one process; leave out the launch flags");
+    }
+    if launch.join.is_some() {
+        return super::distributed::work(&a, &src.files, launch);
+    }
     let mut pool = rayon::ThreadPoolBuilder::new();
     if a.threads > 0 {
         pool = pool.num_threads(a.threads);
@@ -202,7 +224,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if let Some(grid) = &a.grid {
         return pool.install(|| super::grid::write_grid(&a, &src.files, grid));
     }
-    pool.install(|| write_split(&a, &src))
+    pool.install(|| write_split(&a, &src, launch))
 }
 
 fn open_source(a: &CorruptArgs) -> Result<Source> {
@@ -241,7 +263,8 @@ pub(crate) fn decode_row(
     })
 }
 
-fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
+/// `img` as a PNG file's bytes (lossless: the split holds exactly the corrupted pixels).
+pub(crate) fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
         .context("corrupt: image buffer of the wrong size")?;
@@ -250,7 +273,11 @@ fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn write_split(a: &CorruptArgs, src: &Source) -> Result<()> {
+/// Chunks corrupted at once by a process alone (each in parallel inside too), then written in
+/// order.
+const LOCAL_GROUP: usize = 16;
+
+fn write_split(a: &CorruptArgs, src: &Source, launch: &Launch) -> Result<()> {
     let started = std::time::Instant::now();
     let corruption = a.corruption.context("corrupt: --corruption is required")?;
     let name = a.split_name();
@@ -271,70 +298,121 @@ fn write_split(a: &CorruptArgs, src: &Source) -> Result<()> {
             );
         }
     }
-    let total: u64 = src.files.iter().map(|f| pq::num_rows(f)).sum::<Result<u64, _>>()?;
+    let plan = Plan::new(&src.files, a.chunk_rows)?;
+    let total = plan.total_rows();
     // Check the columns before writing anything.
     pq::RowBatches::open(&src.files[0])?;
     let metadata = source_metadata(&src.files[0])?;
+    let made_data_dir = !data_dir.is_dir();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
+    // On failure nothing stays: not even the folder, when this run made it (and it is empty).
+    let clean_up = |tmp: &Path| {
+        let _ = std::fs::remove_file(tmp);
+        if made_data_dir {
+            let _ = std::fs::remove_dir(&data_dir);
+        }
+    };
+    remove_stale_partials(&data_dir, &file_name);
     let tmp = data_dir.join(format!(".{file_name}.{}.partial", std::process::id()));
     let result = (|| -> Result<(u64, u64)> {
-        let schema = Arc::new(output_schema(metadata));
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut writer = ArrowWriter::try_new(file, schema.clone(), None)?;
+        let mut out = SplitWriter::create(&tmp, metadata)?;
         let bar = crate::progress::bar(corruption.name(), total as usize, "images");
-        let (mut index, mut bytes_out) = (0usize, 0u64);
-        for file in &src.files {
-            let mut row_in_file = 0usize;
-            for batch in pq::RowBatches::open(file)? {
-                let rows = batch.with_context(|| {
-                    format!("corrupt: dataset `{}`, split `{}`", a.dataset, a.split)
-                })?;
-                let encoded: Vec<Vec<u8>> = rows
+        let mut sink = |chunk: ChunkOut| out.write(chunk);
+        if launch.serve.is_some() {
+            let progress = |rows: u64| bar.inc(rows);
+            super::distributed::coordinate(a, &plan, launch, &mut sink, &progress)?;
+        } else {
+            for group in plan.chunks.chunks(LOCAL_GROUP) {
+                let outs = group
                     .par_iter()
-                    .enumerate()
-                    .map(|(i, r)| {
-                        let (idx, rif) = (index + i, row_in_file + i);
-                        let img = decode_row(a, file, rif, idx, &r.bytes)?;
-                        let mut rng = Rng::for_image(a.seed, idx as u64);
-                        let out = corrupt_image(corruption, a.params, a.severity, &img, &mut rng)
-                            .with_context(|| {
-                            format!(
-                                "corrupt: dataset `{}`, split `{}`, row {idx}",
-                                a.dataset, a.split
-                            )
-                        })?;
-                        bar.inc(1);
-                        encode_png(&out)
+                    .map(|c| {
+                        let out = corrupt_chunk(a, &plan.files, c, None)?;
+                        bar.inc(u64::from(c.rows));
+                        Ok(out)
                     })
-                    .collect::<Result<_>>()?;
-                bytes_out += encoded.iter().map(|b| b.len() as u64).sum::<u64>();
-                let labels: Vec<i64> = rows.iter().map(|r| r.label).collect();
-                writer.write(&batch_of(&schema, encoded, labels)?)?;
-                index += rows.len();
-                row_in_file += rows.len();
+                    .collect::<Result<Vec<_>>>()?;
+                outs.into_iter().try_for_each(&mut sink)?;
             }
         }
-        writer.close()?;
-        File::open(&tmp)?.sync_all()?;
+        let done = out.finish()?;
         bar.finish_and_clear();
-        Ok((index as u64, bytes_out))
+        Ok(done)
     })();
     let (rows, num_bytes) = match result {
         Ok(r) => r,
         Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
+            clean_up(&tmp);
             return Err(e);
         }
     };
-    super::card::publish(&src.root, &a.split, &name, &tmp, &target, rows, num_bytes)
-        .with_context(|| format!("corrupt: publishing split `{name}` of `{}`", a.dataset))?;
+    if rows != total {
+        clean_up(&tmp);
+        bail!("corrupt: wrote {rows} rows, the split has {total}; nothing was published");
+    }
+    if let Err(e) = super::card::publish(&src.root, &a.split, &name, &tmp, &target, rows, num_bytes)
+    {
+        clean_up(&tmp);
+        return Err(e)
+            .with_context(|| format!("corrupt: publishing split `{name}` of `{}`", a.dataset));
+    }
     tracing::info!(
         dataset = %a.dataset, split = %a.split, corruption = corruption.name(), severity = a.severity,
         params = a.params.name(), seed = a.seed, rows,
         seconds = started.elapsed().as_secs_f64(), file = %target.display(), "wrote split `{name}`"
     );
     Ok(())
+}
+
+/// Removes what a killed run of this command left in `data_dir` for `file_name`: hidden
+/// `.{file_name}.{pid}.partial` files whose process is gone (never listed as a split, but dead
+/// weight). A live process's file is left alone.
+fn remove_stale_partials(data_dir: &Path, file_name: &str) {
+    let prefix = format!(".{file_name}.");
+    let Ok(entries) = std::fs::read_dir(data_dir) else { return };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = n.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".partial")) else {
+            continue;
+        };
+        let alive = pid.parse::<u32>().is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive && std::fs::remove_file(e.path()).is_ok() {
+            tracing::info!(file = %e.path().display(), "removed what a killed run left");
+        }
+    }
+}
+
+/// The new split's parquet file while it is written (under its temporary name): one record
+/// batch per chunk, in chunk order.
+struct SplitWriter {
+    writer: ArrowWriter<File>,
+    schema: Arc<Schema>,
+    rows: u64,
+    bytes: u64,
+}
+
+impl SplitWriter {
+    fn create(tmp: &Path, metadata: arrow_schema::Metadata) -> Result<Self> {
+        let schema = Arc::new(output_schema(metadata));
+        let file = File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let writer = ArrowWriter::try_new(file, schema.clone(), None)?;
+        Ok(Self { writer, schema, rows: 0, bytes: 0 })
+    }
+
+    fn write(&mut self, chunk: ChunkOut) -> Result<()> {
+        let images: Vec<Vec<u8>> = chunk.images.into_iter().map(|b| b.0).collect();
+        self.bytes += images.iter().map(|b| b.len() as u64).sum::<u64>();
+        self.rows += images.len() as u64;
+        self.writer.write(&batch_of(&self.schema, images, chunk.labels)?)?;
+        Ok(())
+    }
+
+    /// Closes and syncs the file: its rows and image bytes.
+    fn finish(self) -> Result<(u64, u64)> {
+        let file = self.writer.into_inner()?;
+        file.sync_all()?;
+        Ok((self.rows, self.bytes))
+    }
 }
 
 fn source_metadata(file: &Path) -> Result<arrow_schema::Metadata> {

@@ -16,10 +16,15 @@
 //! dataset card's `configs` and `dataset_info.splits` list it when the card has them
 //! ([`card`]). Nothing is visible before it is complete: the parquet file is written under a
 //! hidden temporary name and renamed, then the card is replaced by rename.
+//!
+//! The split is corrupted chunk by chunk ([`chunks`]), by this process alone or, launched like
+//! any job, across a cluster's processes ([`distributed`]): the same bytes either way.
 
 pub mod card;
+pub mod chunks;
 mod command;
 pub mod contrast;
+pub mod distributed;
 pub mod gaussian_noise;
 pub mod grid;
 pub mod impulse_noise;
@@ -29,7 +34,7 @@ pub mod pixelate;
 pub mod rng;
 pub mod spatter;
 
-pub use command::{help, run, CorruptArgs, FLAGS};
+pub use command::{help, run, CorruptArgs, DEFAULT_CHUNK_ROWS, FLAGS};
 
 use crate::data::RgbImage;
 

@@ -47,6 +47,14 @@ pub fn num_rows(path: &Path) -> Result<u64, DataError> {
     })
 }
 
+/// The number of rows of each row group of a parquet file, from its footer.
+pub fn row_group_rows(path: &Path) -> Result<Vec<u64>, DataError> {
+    let file = File::open(path).map_err(|source| DataError::Io { path: shown(path), source })?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| DataError::Parquet { path: shown(path), message: e.to_string() })?;
+    Ok(reader.metadata().row_groups().iter().map(|g| g.num_rows().max(0) as u64).collect())
+}
+
 /// A streaming reader: yields the rows of a file one record batch at a time.
 pub struct RowBatches {
     path: PathBuf,
@@ -57,6 +65,22 @@ pub struct RowBatches {
 impl RowBatches {
     /// Open `path` and check that it has usable `image` and `label` columns.
     pub fn open(path: &Path) -> Result<Self, DataError> {
+        Self::open_with(path, None)
+    }
+
+    /// Like [`open`](Self::open), but only rows `offset..offset + limit` of row group
+    /// `row_group` (counted within it): a part of a large file read without decoding the row
+    /// groups before it.
+    pub fn open_part(
+        path: &Path,
+        row_group: usize,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Self, DataError> {
+        Self::open_with(path, Some((row_group, offset, limit)))
+    }
+
+    fn open_with(path: &Path, part: Option<(usize, usize, usize)>) -> Result<Self, DataError> {
         let file =
             File::open(path).map_err(|source| DataError::Io { path: shown(path), source })?;
         let perr = |e: parquet::errors::ParquetError| DataError::Parquet {
@@ -76,9 +100,22 @@ impl RowBatches {
         check_image_type(path, schema.field(image_idx).data_type())?;
         check_label_type(path, schema.field(label_idx).data_type())?;
         let mask = ProjectionMask::roots(builder.parquet_schema(), [image_idx, label_idx]);
-        let reader =
-            builder.with_projection(mask).with_batch_size(BATCH_SIZE).build().map_err(perr)?;
-        Ok(Self { path: path.to_path_buf(), reader, next_row: 0 })
+        let mut next_row = 0;
+        let mut builder = builder.with_projection(mask).with_batch_size(BATCH_SIZE);
+        if let Some((group, offset, limit)) = part {
+            let groups = builder.metadata().row_groups();
+            if group >= groups.len() {
+                return Err(DataError::Parquet {
+                    path: shown(path),
+                    message: format!("no row group {group} (the file has {})", groups.len()),
+                });
+            }
+            let before: i64 = groups[..group].iter().map(|g| g.num_rows()).sum();
+            next_row = before as usize + offset;
+            builder = builder.with_row_groups(vec![group]).with_offset(offset).with_limit(limit);
+        }
+        let reader = builder.build().map_err(perr)?;
+        Ok(Self { path: path.to_path_buf(), reader, next_row })
     }
 
     fn convert(&self, batch: &RecordBatch) -> Result<Vec<ImageRow>, DataError> {
