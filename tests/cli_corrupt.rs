@@ -84,18 +84,39 @@ fn help_lists_the_command() {
     }
 }
 
+/// The eight tasks of the TA8 task pool and their datasets.
+const TA8: [(&str, &str); 8] = [
+    ("sun397", "tanganke/sun397"),
+    ("stanford-cars", "tanganke/stanford_cars"),
+    ("resisc45", "tanganke/resisc45"),
+    ("eurosat", "tanganke/eurosat"),
+    ("svhn", "ufldl-stanford/svhn"),
+    ("gtsrb", "tanganke/gtsrb"),
+    ("mnist", "ylecun/mnist"),
+    ("dtd", "tanganke/dtd"),
+];
+
 fn dummy_eval(hf_home: &Path, split: &str, report: &Path) -> serde_json::Value {
+    eval_splits(hf_home, &[("dtd", split)], report)
+}
+
+/// The TA8 evaluation of the dtd model with `splits` (task, split) instead of `test`.
+fn eval_splits(hf_home: &Path, splits: &[(&str, &str)], report: &Path) -> serde_json::Value {
+    let mut args: Vec<String> = [
+        "method=dummy",
+        "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_individual",
+        "modelpool.models._pretrained_=tanganke/clip-vit-base-patch32_dtd",
+        "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
+        "fabric.accelerator=cpu",
+        "print_config=false",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(splits.iter().map(|(t, s)| format!("taskpool.test_datasets.{t}.split={s}")));
+    args.push(format!("report_save_path={}", report.display()));
+    let split = format!("{splits:?}");
     let out = Command::new(env!("CARGO_BIN_EXE_fusion_bench"))
-        .args([
-            "method=dummy",
-            "modelpool=CLIPVisionModelPool/clip-vit-base-patch32_individual",
-            "modelpool.models._pretrained_=tanganke/clip-vit-base-patch32_dtd",
-            "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
-            &format!("taskpool.test_datasets.dtd.split={split}"),
-            "fabric.accelerator=cpu",
-            "print_config=false",
-            &format!("report_save_path={}", report.display()),
-        ])
+        .args(&args)
         .env("HF_HOME", hf_home)
         .env_remove("HF_HUB_CACHE")
         .env_remove("HUGGINGFACE_HUB_CACHE")
@@ -154,6 +175,18 @@ fn corrupted_dtd_split_evaluates_and_differs_from_clean() {
         clean_rows.iter().map(|r| r.label).collect::<Vec<_>>()
     );
     assert!(rows.iter().all(|r| r.bytes.starts_with(b"\x89PNG")));
+    // Every task of the eight, not only FusionBench's four: a corrupted split of each, read
+    // by one evaluation, changes each task's loss.
+    for (_, repo) in TA8 {
+        let args = ["corrupt", "--dataset", repo, "--corruption", "contrast", "--name", "c3"];
+        let out = run(&home, &args);
+        assert!(out.status.success(), "{repo}: {}", stderr(&out));
+    }
+    let splits: Vec<(&str, &str)> = TA8.iter().map(|(t, _)| (*t, "c3")).collect();
+    let rep = eval_splits(&home, &splits, &tmp.path().join("c3.json"));
+    for (task, _) in TA8 {
+        assert_ne!(clean[task]["loss"], rep[task]["loss"], "{task}: {} {}", clean[task], rep[task]);
+    }
 }
 
 #[test]
