@@ -5,7 +5,8 @@
 //! recorded), seeded with two shuffled batches per model, and with smaller batches, another
 //! `reduce_non_diagonal_ratio` and parameters excluded. Each model's Grams (cached by us under
 //! `path.cache_dir/regmean/`, recorded from FusionBench by `fb_regmean_hooks.py`; q, k and v share
-//! ours) agree tensor by tensor within 1e-5 relative, the merged model within 1e-5 relative, the
+//! ours) agree tensor by tensor within 1e-5 relative, the merged model within 1e-5 relative (on
+//! the goldens' CPU; 1e-3 on another, see [`MERGED_CROSS_CPU_TOL`]), the
 //! report as FusionBench's (accuracies equal, losses within 2⁻¹⁶). A sweep over the merge's
 //! settings reuses the Grams; bad settings and a singular Gram are refused naming the key or the
 //! layer; three processes give the single process's result, also with a worker killed.
@@ -17,6 +18,12 @@ mod common;
 
 /// Relative tolerance of a Gram or merged tensor against FusionBench's.
 const REL_TOL: f64 = 1e-5;
+
+/// Relative tolerance of a merged tensor against FusionBench's run on another CPU
+/// ([`common::on_goldens_cpu`]): the merge solves a linear system per Linear with the Grams,
+/// which amplifies their last-bit differences; FusionBench's own merged models from the same
+/// seeded batches on an Intel Xeon and an AMD EPYC are up to 1.8e-4 apart (their Grams 5e-7).
+const MERGED_CROSS_CPU_TOL: f64 = 1e-3;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -98,10 +105,11 @@ fn check(run_name: &str, extra: &[&str], tasks: &[&str]) -> tempfile::TempDir {
         );
         assert_eq!(n, 18, "six Linears in each of three layers");
     }
+    let merged_tol = if common::on_goldens_cpu(&golden()) { REL_TOL } else { MERGED_CROSS_CPU_TOL };
     common::assert_close_safetensors(
         &dir.path().join("merged/model.safetensors"),
         &g.join("model.safetensors"),
-        REL_TOL,
+        merged_tol,
         &|n| n.to_string(),
     );
     common::assert_same_report(

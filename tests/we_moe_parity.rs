@@ -4,7 +4,8 @@
 //!
 //! With `seed=42` our run replays FusionBench's router initialisation and batches from libtorch's
 //! generator: after 20 steps every router tensor agrees with FusionBench's within 1e-5 relative
-//! (measured: 3e-7), every other tensor of the MoE state dict (task arithmetic, the pretrained
+//! (measured: 3e-7) on the goldens' CPU, within 1e-4 on another (see [`ROUTER_CROSS_CPU_TOL`]),
+//! every other tensor of the MoE state dict (task arithmetic, the pretrained
 //! MLPs, the task vectors) is bit-identical, and the report is FusionBench's. FusionBench's own
 //! checkpoint, given as `method.checkpoint`, gives its report; ours is read back by Python's
 //! `torch.load(weights_only=True)`.
@@ -17,7 +18,24 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Routers after 20 steps against FusionBench's on the goldens' CPU (measured there: 3e-7).
 const ROUTER_REL_TOL: f64 = 1e-5;
+
+/// Routers after 20 steps against FusionBench's run on another CPU
+/// ([`common::on_goldens_cpu`]): Adam's first steps divide each gradient by its own magnitude,
+/// so last-bit differences in small gradient components grow over 20 steps. Measured on an AMD
+/// EPYC against the goldens of an Intel Xeon: up to 2.7e-5; FusionBench's own runs on those two
+/// CPUs are 2.9e-5 apart, and ours and FusionBench's on the AMD machine 3.2e-5.
+const ROUTER_CROSS_CPU_TOL: f64 = 1e-4;
+
+/// The router tolerance on this machine.
+fn router_tol() -> f64 {
+    if common::on_goldens_cpu(&golden_path("")) {
+        ROUTER_REL_TOL
+    } else {
+        ROUTER_CROSS_CPU_TOL
+    }
+}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -108,7 +126,7 @@ fn the_seeded_dense_run_is_fusionbenchs() {
         assert_eq!(shape, their_shape, "{name}");
         if name.contains(".mlp.gate.") {
             let r = rel(a, b);
-            assert!(r <= ROUTER_REL_TOL, "{name}: {r:e} relative to FusionBench's");
+            assert!(r <= router_tol(), "{name}: {r:e} relative to FusionBench's");
             routers += 1;
         } else {
             let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
@@ -137,7 +155,7 @@ const SPARSE: &[&str] = &[
 ];
 
 /// Every other setting FusionBench ran: its report, and its routers after the last step within
-/// [`ROUTER_REL_TOL`] (per-task backward, the config's default; depth-1 and depth-0 routers;
+/// [`router_tol`] (per-task backward, the config's default; depth-1 and depth-0 routers;
 /// `fast_dev_run`; the sparse variant with its shared router, position-encoded, unshared, and
 /// with its routers pruned after training).
 #[test]
@@ -186,7 +204,7 @@ fn every_setting_trains_fusionbenchs_routers() {
                 .map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]))
                 .collect();
             let r = rel(values, &theirs);
-            assert!(r <= ROUTER_REL_TOL, "{name}: {key}: {r:e} relative to FusionBench's");
+            assert!(r <= router_tol(), "{name}: {key}: {r:e} relative to FusionBench's");
             compared += 1;
         }
         assert_eq!(compared, final_routers.names().len(), "{name}: every router tensor");
