@@ -1,9 +1,9 @@
 //! Distributed evaluation and WE-MoE router training across network namespaces with a worker's
-//! link cut mid-run (`scripts/netns-eval.sh`, `scripts/netns-wemoe.sh`, run with this build's
-//! `fusion_bench`): the coordinator's report (and trained model) must equal the single-process
-//! one byte for byte. Needs root and `ip netns`; without them the
-//! script skips, except under `CI=true`, where a skip is a failure (of the script, and of this
-//! test).
+//! link (or the workers' link to each other) cut mid-run (`scripts/netns-eval.sh`,
+//! `scripts/netns-wemoe.sh`, run with this build's `fusion_bench`): the coordinator's report (and
+//! trained model) must equal the single-process one byte for byte. Needs root and `ip netns`;
+//! without them the script skips, except under `CI=true`, where a skip is a failure (of the
+//! script, and of this test).
 
 mod common;
 
@@ -15,7 +15,9 @@ fn link_cut_during_distributed_evaluation_keeps_the_report() {
 /// WE-MoE's router training with its gradients going round a ring of three processes in three
 /// namespaces (`scripts/netns-wemoe.sh`): a worker's link cut mid-training breaks the ring; the
 /// step runs again on a ring of the two left, and the trained model and report are the single
-/// process's, byte for byte.
+/// process's, byte for byte. Then the workers lose each other mid-training (the hub stops
+/// forwarding) while both keep their coordinator link: the gradients go through the
+/// coordinator, with the same bytes again.
 #[test]
 fn link_cut_during_ring_router_training_keeps_the_model() {
     common::run_harness("netns-wemoe.sh");

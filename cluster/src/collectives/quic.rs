@@ -19,7 +19,9 @@
 //! idle timeout fires (about 1.1 s with [`crate::transport::TransportOptions::fast`]). The failing
 //! rank's [`Ring`] then drops its links, and dropping a [`QuicSend`] or [`QuicRecv`] closes its
 //! connection at once with [`CLOSE_RING_ABORTED`], so the failure runs around the ring within a few
-//! round trips instead of each rank waiting for its own timeout.
+//! round trips instead of each rank waiting for its own timeout. The same holds while a ring
+//! forms ([`form_ring`]): a rank whose formation fails drops the link it already has, and the
+//! neighbour on that link gives up at once.
 //!
 //! Because a dropped link aborts its connection, data still in flight would be lost: end a healthy
 //! ring with [`QuicRing::shutdown`], which closes the link from the previous rank (everything from
@@ -146,6 +148,18 @@ pub struct QuicSend {
 #[derive(Debug)]
 pub struct QuicRecv {
     link: Option<(Peer, quinn::RecvStream)>,
+}
+
+impl QuicSend {
+    fn connection(&self) -> Option<&quinn::Connection> {
+        self.link.as_ref().map(|(peer, _)| peer.connection())
+    }
+}
+
+impl QuicRecv {
+    fn connection(&self) -> Option<&quinn::Connection> {
+        self.link.as_ref().map(|(peer, _)| peer.connection())
+    }
 }
 
 impl Drop for QuicSend {
@@ -319,6 +333,27 @@ impl QuicRing {
         &mut self.ring
     }
 
+    /// Resolves once either link's connection is closed (by a neighbour that gave up on the
+    /// ring, by its idle timeout, or here), with the reason; never for a ring of one. A rank
+    /// blocked receiving does not notice that its link to the next rank closed: race a
+    /// collective against this to fail it then (and drop the ring, so the previous rank sees
+    /// the failure too).
+    pub fn closed(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let wait = |conn: Option<quinn::Connection>, what: &'static str| async move {
+            match conn {
+                Some(c) => format!("{what} {} closed: {}", c.remote_address(), c.closed().await),
+                None => std::future::pending().await,
+            }
+        };
+        let (next, prev) = (self.next.clone(), self.prev.clone());
+        async move {
+            tokio::select! {
+                reason = wait(next, "the link to the next rank") => reason,
+                reason = wait(prev, "the link from the previous rank") => reason,
+            }
+        }
+    }
+
     /// Ends a healthy ring without losing data in flight: closes the link from the previous rank
     /// (all its data was received when the last collective returned), then waits up to `timeout`
     /// for the next rank to close ours, i.e. to have received everything we sent. Every rank must
@@ -344,6 +379,11 @@ fn capped(config: RingConfig) -> RingConfig {
 /// Forms rank `rank`'s place in the ring of `addrs.len()` processes whose endpoints listen on
 /// `addrs` (indexed by rank): connects to rank `rank + 1` (server name
 /// [`MEMBER_SERVER_NAME`]) while accepting rank `rank − 1` on `endpoint`, all within `timeout`.
+///
+/// If one of the two links is up and its neighbour closes it before the other link is (the
+/// neighbour's own formation failed: say it cannot reach its next rank), this fails at once with
+/// [`QuicRingError::Link`] instead of waiting out `timeout`, so one unreachable pair of ranks
+/// fails every rank's formation within about the transport's handshake timeout.
 ///
 /// Every rank calls it with the same `addrs` and `ring_id`. While it runs, it takes every peer that
 /// connects to `endpoint`: a peer that does not open a ring stream with the expected hello is
@@ -387,10 +427,44 @@ pub async fn form_ring(
             }
         }
     };
-    let both = async { tokio::try_join!(outgoing, incoming) };
+    // A link that is up while the other is still forming is watched: a neighbour that gave up
+    // on this ring closes it, and then this ring cannot form either. Without the watch, a rank
+    // whose previous rank cannot reach it (a firewall between two workers) would wait out the
+    // whole timeout after its neighbours had failed.
+    let both = async {
+        tokio::pin!(outgoing, incoming);
+        tokio::select! {
+            send = &mut outgoing => {
+                let send = send?;
+                let recv = unless_closed(send.connection(), incoming).await?;
+                Ok::<_, QuicRingError>((send, recv))
+            }
+            recv = &mut incoming => {
+                let recv = recv?;
+                let send = unless_closed(recv.connection(), outgoing).await?;
+                Ok((send, recv))
+            }
+        }
+    };
     let (send, recv) = tokio::time::timeout(timeout, both)
         .await
         .map_err(|_| QuicRingError::Timeout(timeout))??;
     info!(rank, size = n, ring_id, "ring formed");
     Ok(QuicRing::from_links(rank, n, send, recv, config)?)
+}
+
+/// `link` (the other half of a forming ring), unless `up` (the connection of the half already
+/// formed) closes first: then [`QuicRingError::Link`] with the close reason.
+async fn unless_closed<T>(
+    up: Option<&quinn::Connection>,
+    link: impl std::future::Future<Output = Result<T, QuicRingError>>,
+) -> Result<T, QuicRingError> {
+    let Some(conn) = up else { return link.await };
+    tokio::select! {
+        out = link => out,
+        reason = conn.closed() => Err(QuicRingError::Link {
+            addr: conn.remote_address(),
+            reason: format!("closed while the ring was forming (the neighbour gave up): {reason}"),
+        }),
+    }
 }

@@ -194,6 +194,10 @@ impl RingMember {
     /// [`crate::collectives::Ring::reduce_parts`] over the ring of `layout`, this member being
     /// rank `rank`: the sum of every member's `parts`, in rank-then-part order, into `out` on
     /// every member.
+    ///
+    /// Fails as soon as either of this member's links closes (a neighbour gave up on the ring,
+    /// say because it cannot reach its own next rank), and then drops the ring at once, so the
+    /// other neighbour fails too instead of waiting for data that will not come.
     pub fn reduce_parts(
         &mut self,
         layout: &RingLayout,
@@ -204,8 +208,18 @@ impl RingMember {
         let generation = layout.generation;
         let rt = self.parts().0.handle().clone();
         let ring = self.ring_for(layout, rank)?;
-        rt.block_on(ring.reduce_parts(parts, out))
-            .map_err(|e| RingMemberError::Ring { generation, reason: e.to_string() })
+        let closed = ring.closed();
+        let res = rt.block_on(async {
+            tokio::select! {
+                biased;
+                res = ring.reduce_parts(parts, out) => res.map_err(|e| e.to_string()),
+                reason = closed => Err(reason),
+            }
+        });
+        res.map_err(|reason| {
+            self.ring = None;
+            RingMemberError::Ring { generation, reason }
+        })
     }
 }
 
@@ -241,6 +255,38 @@ mod tests {
             })
             .collect();
         threads.into_iter().map(|t| t.join().unwrap()).collect()
+    }
+
+    /// Ranks 1 and 2 cannot reach each other (rank 1's layout sends it to a socket that never
+    /// answers, as through a firewall that drops the packets) while both reach rank 0: every
+    /// rank fails within a few seconds (rank 0, whose own links form, in the reduction), none
+    /// waits out the formation timeout (60 s here) or forever.
+    #[test]
+    fn members_that_cannot_reach_each_other_all_fail_quickly() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path());
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let members: Vec<RingMember> =
+            (0..3).map(|i| RingMember::bind(ip, &format!("m{i}"), &o).unwrap()).collect();
+        assert!(members[0].form_timeout >= Duration::from_secs(30));
+        let layout =
+            RingLayout { generation: 1, addrs: members.iter().map(|m| m.addr()).collect() };
+        let black_hole = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut cut = layout.clone();
+        cut.addrs[2] = black_hole.local_addr().unwrap();
+        let started = std::time::Instant::now();
+        let done = on_each(members, move |r, m| {
+            let l = if r == 1 { &cut } else { &layout };
+            let mut out = vec![0.0; 2];
+            let res = m.reduce_parts(l, r, &[&[1.0, 2.0]], &mut out);
+            (res, started.elapsed())
+        });
+        for (r, (_, (res, took))) in done.into_iter().enumerate() {
+            let e = res.expect_err("a ring without the link 1 → 2 cannot sum");
+            assert!(matches!(e, RingMemberError::Ring { generation: 1, .. }), "rank {r}: {e}");
+            assert!(took < Duration::from_secs(15), "rank {r} took {took:?}: {e}");
+        }
+        drop(black_hole);
     }
 
     /// Three members reduce their blocks in rank order over QUIC; after one is dropped (a lost

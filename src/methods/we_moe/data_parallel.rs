@@ -20,9 +20,28 @@
 //!
 //! Alone (no remote worker) the executor sums its items itself
 //! ([`fusion_cluster::collectives::ring::sequential_sum`], the ring's own fold): no network.
+//!
+//! # Relay through the coordinator
+//!
+//! The ring needs every process to reach its neighbours; the job only needs each to reach the
+//! coordinator. When the workers cannot reach each other (a firewall that opens only the
+//! coordinator's port, a cut link between two nodes), every ring attempt fails while every
+//! process stays joined. After [`RING_FAILURES_BEFORE_RELAY`] such attempts in a row
+//! ([`RingFallback`]) the driver stops using the ring for the rest of the run and relays the
+//! gradients through the coordinator instead ([`Exchange::Coordinator`], with a warning): each
+//! process computes the same contiguous block, but as one item per task
+//! ([`RouterWork::Relay`], answered with the item's own gradient); the driver folds all the
+//! items' gradients in item order with the ring's fold ([`relay_sum`], the same bits as the
+//! ring's and a single process's), applies Adam, and hands the sum to every process with the
+//! commit ([`RouterBroadcast::CommitSum`]), so each applies the same update. A process that joins
+//! or is lost still makes the driver hand out a [`RouterBroadcast::Full`] first (a new
+//! generation, without ring ports). Per step each worker then sends its items' gradients to the
+//! coordinator and receives the sum: the coordinator's link carries what the ring spread over
+//! the neighbours. A resumed run starts on the ring again.
 
-use super::step::{f32_bytes, StepItem};
+use super::step::{f32_bytes, StepItem, StepResult};
 use crate::tta::adam::AdamState;
+use anyhow::bail;
 use fusion_cluster::runtime::ring_member::RingLayout;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
@@ -49,6 +68,9 @@ pub enum RouterWork {
         /// This rank's items.
         mine: Vec<StepItem>,
     },
+    /// Relay mode ([`Exchange::Coordinator`]): compute this one item and answer with its loss
+    /// and gradient ([`StepResult`]); the driver sums them.
+    Relay(StepItem),
 }
 
 /// A process's answer to [`RouterWork::Hello`].
@@ -97,6 +119,15 @@ pub enum RouterBroadcast {
         /// The step reached.
         step: u64,
     },
+    /// Relay mode: `sum` is the summed gradient of step `step − 1` (the driver's fold of every
+    /// item's): apply Adam with it, reaching step `step`.
+    CommitSum {
+        /// The step reached.
+        step: u64,
+        /// The summed router gradient, flattened like the routers.
+        #[serde(with = "f32_bytes")]
+        sum: Vec<f32>,
+    },
 }
 
 impl RouterBroadcast {
@@ -107,6 +138,87 @@ impl RouterBroadcast {
         let exp_avg_sq = adams.iter().flat_map(|a| a.exp_avg_sq.iter().copied()).collect();
         Self::Full { step, values, adam_steps, exp_avg, exp_avg_sq }
     }
+}
+
+/// Ring attempts in a row that fail ([`RING_FAILED`]) with every process of the generation still
+/// joined before the driver relays the gradients through the coordinator for the rest of the run.
+/// Two: a single failure may be a process lost that the coordinator has not noticed yet (the
+/// next attempt's formation then fails on it, which is not counted); a second attempt failing
+/// on the ring after every process answered the new generation's formation means the processes
+/// are alive but some cannot reach each other.
+pub const RING_FAILURES_BEFORE_RELAY: usize = 2;
+
+/// How a step's gradients are summed across the processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exchange {
+    /// Over the ring between the processes ([`RouterWork::Step`]).
+    Ring,
+    /// Through the coordinator ([`RouterWork::Relay`], [`RouterBroadcast::CommitSum`]).
+    Coordinator,
+}
+
+impl std::fmt::Display for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Exchange::Ring => "ring",
+            Exchange::Coordinator => "coordinator",
+        })
+    }
+}
+
+/// Decides when the ring gives way to the coordinator relay (a pure state machine; the driver
+/// feeds it each step attempt's outcome).
+#[derive(Debug, Clone)]
+pub struct RingFallback {
+    exchange: Exchange,
+    /// Ring failures in a row with every process still joined.
+    isolated: usize,
+}
+
+impl Default for RingFallback {
+    fn default() -> Self {
+        Self { exchange: Exchange::Ring, isolated: 0 }
+    }
+}
+
+impl RingFallback {
+    /// The exchange to use now.
+    pub fn exchange(&self) -> Exchange {
+        self.exchange
+    }
+
+    /// A step attempt on the ring failed with [`RING_FAILED`] and every process of its generation
+    /// is still joined. `true` when this switches to [`Exchange::Coordinator`] (the
+    /// [`RING_FAILURES_BEFORE_RELAY`]th in a row); from then on the exchange stays there.
+    pub fn ring_failed_all_joined(&mut self) -> bool {
+        if self.exchange == Exchange::Coordinator {
+            return false;
+        }
+        self.isolated += 1;
+        if self.isolated >= RING_FAILURES_BEFORE_RELAY {
+            self.exchange = Exchange::Coordinator;
+            return true;
+        }
+        false
+    }
+
+    /// Anything else: a step done, a process lost or joined, a formation failed. The count of
+    /// ring failures in a row starts over (the exchange does not change back).
+    pub fn reset(&mut self) {
+        self.isolated = 0;
+    }
+}
+
+/// Relay mode: the step's gradient, the ring's fold
+/// ([`fusion_cluster::collectives::ring::sequential_sum`]) of every item's gradient in item order
+/// (`results` are the items' answers in item order), so the same bits as the ring's sum.
+/// `floats` is the routers' size; an item's gradient of another size is an error.
+pub fn relay_sum(results: &[StepResult], floats: usize) -> anyhow::Result<Vec<f32>> {
+    if let Some((i, r)) = results.iter().enumerate().find(|(_, r)| r.grad.len() != floats) {
+        bail!("item {i}'s gradient has {} values for routers of {floats}", r.grad.len());
+    }
+    let parts: Vec<&[f32]> = results.iter().map(|r| r.grad.as_slice()).collect();
+    Ok(fusion_cluster::collectives::ring::sequential_sum(&parts, floats))
 }
 
 /// `n` items split into `ranks` contiguous blocks in order, the first `n mod ranks` one item
@@ -179,6 +291,90 @@ mod tests {
         assert!(layout(1, &hellos[..1]).unwrap().is_none());
         let bad = [hellos[0], Hello { port: 1, remote: None }];
         assert!(layout(1, &bad).is_err());
+    }
+
+    #[test]
+    fn two_ring_failures_in_a_row_switch_to_the_coordinator_for_good() {
+        let mut f = RingFallback::default();
+        assert_eq!(f.exchange(), Exchange::Ring);
+        // A failure, then anything else (a lost process, a step done): the count starts over.
+        assert!(!f.ring_failed_all_joined());
+        f.reset();
+        assert!(!f.ring_failed_all_joined());
+        assert_eq!(f.exchange(), Exchange::Ring);
+        // The second in a row switches, once; nothing switches back.
+        assert!(f.ring_failed_all_joined());
+        assert_eq!(f.exchange(), Exchange::Coordinator);
+        assert!(!f.ring_failed_all_joined());
+        f.reset();
+        assert_eq!(f.exchange(), Exchange::Coordinator);
+        assert_eq!(
+            (Exchange::Ring.to_string(), Exchange::Coordinator.to_string()),
+            ("ring".into(), "coordinator".into())
+        );
+    }
+
+    /// The relay's sum is the ring's: for items spread over 1 to 4 ranks in contiguous blocks
+    /// (ranks without items included), `Ring::reduce_parts` over an in-memory ring gives the bits
+    /// of [`relay_sum`] over the items in order.
+    #[test]
+    fn the_relay_sum_has_the_ring_sum_bits() {
+        use fusion_cluster::collectives::{memory_ring, Ring, RingConfig};
+        let len = 300;
+        let mut x = 0x2545_f491_u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x as f32 / u32::MAX as f32 - 0.5) * 10f32.powi((x % 9) as i32 - 4)
+        };
+        let items: Vec<StepResult> = (0..5)
+            .map(|_| StepResult {
+                loss: 0.0,
+                grad: (0..len).map(|_| next()).collect(),
+                seconds: 0.0,
+            })
+            .collect();
+        let relayed = relay_sum(&items, len).unwrap();
+        let reversed: Vec<f32> =
+            (0..len).map(|i| items.iter().rev().map(|r| r.grad[i]).sum()).collect();
+        assert_ne!(
+            reversed, relayed,
+            "the inputs must be order-sensitive for the test to mean anything"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let config = RingConfig { chunk_floats: 64, timeout: None };
+        for ranks in 1..=4 {
+            let sums = rt.block_on(async {
+                let handles: Vec<_> = memory_ring(ranks, 2)
+                    .into_iter()
+                    .zip(blocks(items.len(), ranks))
+                    .enumerate()
+                    .map(|(rank, ((send, recv), range))| {
+                        let mine: Vec<Vec<f32>> =
+                            items[range].iter().map(|r| r.grad.clone()).collect();
+                        tokio::spawn(async move {
+                            let parts: Vec<&[f32]> = mine.iter().map(Vec::as_slice).collect();
+                            let mut ring = Ring::new(rank, ranks, send, recv, config).unwrap();
+                            let mut out = vec![0f32; len];
+                            ring.reduce_parts(&parts, &mut out).await.unwrap();
+                            out
+                        })
+                    })
+                    .collect();
+                let mut sums = Vec::new();
+                for h in handles {
+                    sums.push(h.await.unwrap());
+                }
+                sums
+            });
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for sum in sums {
+                assert_eq!(bits(&sum), bits(&relayed), "{ranks} ranks");
+            }
+        }
+        let short = [StepResult { loss: 0.0, grad: vec![1.0], seconds: 0.0 }];
+        assert!(relay_sum(&short, 2).unwrap_err().to_string().contains("item 0"));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! One WE-MoE adaptation step as work: for each task, its batch through the MoE model under the
 //! routers of that step, the entropy, and the routers' gradient ([`StepItem`], run by
 //! [`RouterExecutor::run`]). A process computes a block of a step's items and the ring sums them
-//! across processes in item order, then every process applies the same Adam update when the
-//! driver commits the step (see [`super::data_parallel`]), so any process computes the same
-//! result for an item, and the sum does not depend on who computed what.
+//! across processes in item order (or, relayed through the coordinator, the driver sums the
+//! items' gradients), then every process applies the same Adam update when the driver commits
+//! the step (see [`super::data_parallel`]), so any process computes the same result for an item,
+//! and the sum does not depend on who computed what.
 
 use super::data_parallel::{BlockResult, Hello, RouterBroadcast, RouterWork, RING_FAILED};
 use crate::models::clip::encoder::LoadOptions;
@@ -280,15 +281,26 @@ impl RouterExecutor {
         Ok(())
     }
 
-    /// Applies the held sum of step `step − 1` with Adam: the routers of step `step`.
-    fn commit(&mut self, step: u64) -> Result<()> {
+    /// Applies the held sum of step `step − 1` with Adam (`given`: the driver's sum instead, in
+    /// relay mode): the routers of step `step`. An executor that never had routers (a process
+    /// that joined during the training, handed the job's last state, a commit, before anything
+    /// else) ignores it: the driver hands it the full state before its first step.
+    fn commit(&mut self, step: u64, given: Option<Vec<f32>>) -> Result<()> {
         let held = self.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let sum = match (held, self.step) {
-            (Some((s, sum)), Some(at)) if s == at && s + 1 == step => sum,
-            (held, at) => bail!(
-                "step {step} committed, but this process holds the sum of step {:?} with the \
-                 routers of step {at:?}",
-                held.map(|(s, _)| s)
+        let Some(at) = self.step else {
+            tracing::debug!(step, "a commit before any routers (a joining process): ignored");
+            return Ok(());
+        };
+        let sum = match (given, held) {
+            (Some(sum), _) if at + 1 == step => sum,
+            (None, Some((s, sum))) if s == at && s + 1 == step => sum,
+            (given, held) => bail!(
+                "step {step} committed, but this process holds {} with the routers of step {at}",
+                match (given.is_some(), held) {
+                    (true, _) => "the driver's sum".to_string(),
+                    (false, Some((s, _))) => format!("the sum of step {s}"),
+                    (false, None) => "no sum".to_string(),
+                }
             ),
         };
         let grads = unflatten(&sum, &self.params)?;
@@ -409,6 +421,12 @@ impl fusion_cluster::runtime::Executor for RouterExecutor {
                     .map_err(|e| format!("{e:#}"))?;
                 fusion_cluster::codec::encode(&result)
             }
+            RouterWork::Relay(item) => {
+                // A sum held from a ring attempt of this step is the driver's to make now.
+                *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let result = self.run(&item).map_err(|e| format!("{e:#}"))?;
+                fusion_cluster::codec::encode(&result)
+            }
         };
         encoded.map_err(|e| e.to_string())
     }
@@ -417,7 +435,8 @@ impl fusion_cluster::runtime::Executor for RouterExecutor {
         let state: RouterBroadcast =
             fusion_cluster::codec::decode(state).map_err(|e| e.to_string())?;
         match state {
-            RouterBroadcast::Commit { step } => self.commit(step),
+            RouterBroadcast::Commit { step } => self.commit(step, None),
+            RouterBroadcast::CommitSum { step, sum } => self.commit(step, Some(sum)),
             full => self.restart(full),
         }
         .map_err(|e| format!("{e:#}"))

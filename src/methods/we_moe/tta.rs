@@ -8,7 +8,9 @@
 //! same gradient up to rounding); then every process applies the same Adam step (torch's
 //! defaults, `lr`) per router tensor ([`super::data_parallel`]). The trajectory does not depend
 //! on how many processes computed it, nor on a process lost on the way (the step is recomputed
-//! on a ring of the processes left).
+//! on a ring of the processes left), nor on whether the workers could reach each other (if they
+//! cannot, the gradients go through the coordinator instead, summed with the ring's fold:
+//! [`data_parallel::RingFallback`]).
 //!
 //! The state (routers, Adam's moments, step, loaders, losses) is checkpointed atomically under
 //! `path.cache_dir/tta/` every `+method.checkpoint_every_steps` (50) steps or
@@ -16,9 +18,12 @@
 //! SIGTERM/SIGUSR2 (then the process exits 143); the same command resumes from it.
 
 use super::construct::Layout;
-use super::data_parallel::{self, BlockResult, Hello, RouterBroadcast, RouterWork, RING_FAILED};
+use super::data_parallel::{
+    self, BlockResult, Exchange, Hello, RingFallback, RouterBroadcast, RouterWork, RING_FAILED,
+    RING_FAILURES_BEFORE_RELAY,
+};
 use super::init::normal_draws;
-use super::step::{unflatten, RouterExecutor, StepItem};
+use super::step::{unflatten, RouterExecutor, StepItem, StepResult};
 use super::WeMoeConfig;
 use crate::methods::RunContext;
 use crate::models::clip::encoder::LoadOptions;
@@ -302,6 +307,7 @@ pub fn adapt(
             let mut ring: Option<Generation> = None;
             let mut generation = 0u64;
             let mut failures = 0usize;
+            let mut fallback = RingFallback::default();
             // A step's batches, drawn once: a step recomputed after a loss uses the same ones.
             let mut drawn: Option<Vec<StepItem>> = None;
             let mut last_save = std::time::Instant::now();
@@ -316,10 +322,11 @@ pub fn adapt(
                         let full = RouterBroadcast::full(step, super::step::flatten(&b.params), &states);
                         fusion_cluster::codec::encode(&full)?
                     };
-                    match form_generation(job, procs, generation, step, full) {
+                    match form_generation(job, procs, generation, step, full, fallback.exchange()) {
                         Ok(g) => ring = Some(g),
                         Err(e) => {
-                            retry(e, step, &mut failures)?;
+                            fallback.reset();
+                            retry(e, step, &mut failures, fallback.exchange())?;
                             continue;
                         }
                     }
@@ -334,49 +341,79 @@ pub fn adapt(
                         })
                         .collect()
                 });
-                let work = data_parallel::blocks(items.len(), g.names.len())
-                    .into_iter()
-                    .enumerate()
-                    .map(|(rank, range)| {
-                        let w = RouterWork::Step {
-                            layout: g.layout.clone(),
-                            rank: rank as u32,
-                            step,
-                            mine: items[range].to_vec(),
-                        };
-                        Ok((g.names[rank].clone(), fusion_cluster::codec::encode(&w)?))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                let exchange = fallback.exchange();
+                let n_items = items.len();
+                let work = step_work(g, step, items, exchange)?;
                 let round = match job.round_pinned(work) {
                     Ok(round) => round,
                     Err(e) => {
+                        // Every process still joined after a ring failure: none was lost (or the
+                        // coordinator has not noticed yet; then the next formation fails on it).
+                        let all_joined = is_ring_failure(&e) && ranked(job.workers())? == g.names;
+                        if !all_joined {
+                            fallback.reset();
+                        } else if fallback.ring_failed_all_joined() {
+                            tracing::warn!(
+                                step,
+                                attempts = RING_FAILURES_BEFORE_RELAY,
+                                processes = ?g.names,
+                                error = %e,
+                                "the workers cannot reach each other over the ring (its last attempts failed with every process still joined): for the rest of the run the router gradients go through the coordinator"
+                            );
+                        }
                         ring = None;
-                        retry(e, step, &mut failures)?;
+                        retry(e, step, &mut failures, exchange)?;
                         continue;
                     }
                 };
+                fallback.reset();
                 failures = 0;
                 drawn = None;
                 round_seconds += round.summary.elapsed.as_secs_f64();
-                let results: Vec<BlockResult> = round
-                    .results
-                    .iter()
-                    .map(|r| fusion_cluster::codec::decode(r))
-                    .collect::<std::result::Result<_, _>>()?;
-                compute_seconds += results.iter().map(|r| r.compute_seconds).fold(0.0, f64::max);
-                // The rank that reached the reduction last waited for nobody: its time is the
-                // reduction's own (the others' include waiting for the slower ranks' items).
-                let reduce = results.iter().map(|r| r.reduce_seconds).fold(f64::INFINITY, f64::min);
-                let reduce = if reduce.is_finite() { reduce } else { 0.0 };
-                reduce_seconds += reduce;
-                let loss: f64 = results.iter().flat_map(|r| &r.losses).map(|&l| l as f64).sum();
+                let (loss, relayed) = match exchange {
+                    Exchange::Ring => {
+                        let results: Vec<BlockResult> = round
+                            .results
+                            .iter()
+                            .map(|r| fusion_cluster::codec::decode(r))
+                            .collect::<std::result::Result<_, _>>()?;
+                        compute_seconds += results.iter().map(|r| r.compute_seconds).fold(0.0, f64::max);
+                        // The rank that reached the reduction last waited for nobody: its time
+                        // is the reduction's own (the others' include waiting for slower ranks).
+                        let reduce = results.iter().map(|r| r.reduce_seconds).fold(f64::INFINITY, f64::min);
+                        reduce_seconds += if reduce.is_finite() { reduce } else { 0.0 };
+                        (results.iter().flat_map(|r| &r.losses).map(|&l| l as f64).sum::<f64>(), None)
+                    }
+                    Exchange::Coordinator => {
+                        let results: Vec<StepResult> = round
+                            .results
+                            .iter()
+                            .map(|r| fusion_cluster::codec::decode(r))
+                            .collect::<std::result::Result<_, _>>()?;
+                        if results.len() != n_items {
+                            bail!("step {step}: {} results for {n_items} items", results.len());
+                        }
+                        compute_seconds += data_parallel::blocks(results.len(), g.names.len())
+                            .into_iter()
+                            .map(|range| results[range].iter().map(|r| r.seconds).sum::<f64>())
+                            .fold(0.0, f64::max);
+                        let started = std::time::Instant::now();
+                        let sum = data_parallel::relay_sum(&results, floats)
+                            .with_context(|| format!("step {step}: relaying the gradients"))?;
+                        reduce_seconds += started.elapsed().as_secs_f64();
+                        (results.iter().map(|r| r.loss as f64).sum::<f64>(), Some(sum))
+                    }
+                };
                 let mut guard = latest.lock().unwrap_or_else(|e| e.into_inner());
                 let b = &mut *guard;
-                let grads = {
-                    let held = pending.lock().unwrap_or_else(|e| e.into_inner());
-                    match held.as_ref() {
-                        Some((s, sum)) if *s == step => unflatten(sum, &b.params)?,
-                        _ => bail!("step {step}: this process holds no summed gradient of it"),
+                let grads = match &relayed {
+                    Some(sum) => unflatten(sum, &b.params)?,
+                    None => {
+                        let held = pending.lock().unwrap_or_else(|e| e.into_inner());
+                        match held.as_ref() {
+                            Some((s, sum)) if *s == step => unflatten(sum, &b.params)?,
+                            _ => bail!("step {step}: this process holds no summed gradient of it"),
+                        }
                     }
                 };
                 for ((p, a), g) in b.params.iter_mut().zip(&mut b.adams).zip(&grads) {
@@ -399,12 +436,16 @@ pub fn adapt(
                 }
                 // After the last step too: the workers keep the trained routers and go on to
                 // evaluate the trained model.
-                job.broadcast(fusion_cluster::codec::encode(&RouterBroadcast::Commit { step })?)
+                let commit = match relayed {
+                    Some(sum) => RouterBroadcast::CommitSum { step, sum },
+                    None => RouterBroadcast::Commit { step },
+                };
+                job.broadcast(fusion_cluster::codec::encode(&commit)?)
                     .context("committing the step on the workers")?;
                 drop(guard);
                 bar.set_message(format!("loss {loss:.4}"));
                 bar.inc(1);
-                tracing::debug!(step, loss, reduce_seconds = reduce, "step");
+                tracing::debug!(step, loss, %exchange, "step");
             }
             let done = (step - first).max(1) as f64;
             tracing::info!(
@@ -416,6 +457,7 @@ pub fn adapt(
                 reduce_seconds,
                 reduce_seconds_per_step = reduce_seconds / done,
                 generations = generation,
+                exchange = %fallback.exchange(),
                 exchange_share = if round_seconds > 0.0 { (1.0 - compute_seconds / round_seconds).max(0.0) } else { 0.0 },
                 "test-time adaptation loop"
             );
@@ -444,6 +486,44 @@ struct Generation {
 /// Consecutive failed attempts at a step (each a lost or joining process) before the run fails.
 const MAX_RETRIES: usize = 20;
 
+/// Step `step`'s pinned items on generation `g`: each rank's contiguous block of `items`, as
+/// one ring step item per rank ([`Exchange::Ring`]) or one relay item per task
+/// ([`Exchange::Coordinator`]), in item order.
+fn step_work(
+    g: &Generation,
+    step: u64,
+    items: &[StepItem],
+    exchange: Exchange,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut work = Vec::new();
+    for (rank, range) in data_parallel::blocks(items.len(), g.names.len()).into_iter().enumerate() {
+        let name = &g.names[rank];
+        match exchange {
+            Exchange::Ring => {
+                let w = RouterWork::Step {
+                    layout: g.layout.clone(),
+                    rank: rank as u32,
+                    step,
+                    mine: items[range].to_vec(),
+                };
+                work.push((name.clone(), fusion_cluster::codec::encode(&w)?));
+            }
+            Exchange::Coordinator => {
+                for item in &items[range] {
+                    let w = RouterWork::Relay(item.clone());
+                    work.push((name.clone(), fusion_cluster::codec::encode(&w)?));
+                }
+            }
+        }
+    }
+    Ok(work)
+}
+
+/// An executor's ring failed ([`RING_FAILED`]).
+fn is_ring_failure(e: &ClusterError) -> bool {
+    matches!(e, ClusterError::ItemFailed { error, .. } if error.contains(RING_FAILED))
+}
+
 /// The job's processes in rank order: this process's own executor first, then the remote
 /// workers in joining order.
 fn ranked(mut names: Vec<String>) -> Result<Vec<String>> {
@@ -458,17 +538,18 @@ fn ranked(mut names: Vec<String>) -> Result<Vec<String>> {
 }
 
 /// Forms ring generation `generation` of the processes `names`: asks each where its ring
-/// endpoint is, then hands every process `full`, the routers and Adam's state of step `step`
-/// (an encoded [`RouterBroadcast::Full`]).
+/// endpoint is (not when the gradients go through the coordinator), then hands every process
+/// `full`, the routers and Adam's state of step `step` (an encoded [`RouterBroadcast::Full`]).
 fn form_generation(
     job: &mut Job,
     names: Vec<String>,
     generation: u64,
     step: u64,
     full: Vec<u8>,
+    exchange: Exchange,
 ) -> std::result::Result<Generation, ClusterError> {
     let codec = |e: fusion_cluster::codec::CodecError| ClusterError::Runtime(e.to_string());
-    let layout = if names.len() > 1 {
+    let layout = if names.len() > 1 && exchange == Exchange::Ring {
         let hello = fusion_cluster::codec::encode(&RouterWork::Hello).map_err(codec)?;
         let round = job.round_pinned(names.iter().map(|n| (n.clone(), hello.clone())).collect())?;
         let hellos: Vec<Hello> = round
@@ -483,23 +564,26 @@ fn form_generation(
         None
     };
     job.broadcast(full)?;
-    tracing::info!(generation, processes = ?names, step, "router training: ring generation");
+    tracing::info!(generation, processes = ?names, step, %exchange, "router training: ring generation");
     Ok(Generation { names, layout })
 }
 
 /// A failed step or ring formation: `Ok` (try again on the processes left) when a process was
-/// lost or the ring broke, up to [`MAX_RETRIES`] times in a row; the error otherwise.
-fn retry(e: ClusterError, step: u64, failures: &mut usize) -> Result<()> {
-    let lost = match &e {
-        ClusterError::PinnedWorkerLost { .. } => true,
-        ClusterError::ItemFailed { error, .. } => error.contains(RING_FAILED),
-        _ => false,
-    };
+/// lost or the ring failed, up to [`MAX_RETRIES`] times in a row; the error otherwise.
+fn retry(e: ClusterError, step: u64, failures: &mut usize, exchange: Exchange) -> Result<()> {
+    let lost = matches!(e, ClusterError::PinnedWorkerLost { .. }) || is_ring_failure(&e);
     *failures += 1;
     if !lost || *failures > MAX_RETRIES {
         return Err(anyhow::Error::new(e).context(format!("step {step}")));
     }
-    tracing::warn!(step, attempt = *failures, error = %e, "a process was lost: the step runs again on a new ring");
+    match exchange {
+        Exchange::Ring => {
+            tracing::warn!(step, attempt = *failures, error = %e, "a process was lost or the ring failed: the step runs again on a new ring")
+        }
+        Exchange::Coordinator => {
+            tracing::warn!(step, attempt = *failures, error = %e, "a process was lost: the step runs again on the processes left")
+        }
+    }
     // Give the coordinator time to see the loss before the next attempt looks at the workers.
     std::thread::sleep(std::time::Duration::from_millis(200 * (*failures as u64).min(10)));
     Ok(())
