@@ -278,8 +278,9 @@ fn ckpt_tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
 
 /// Dense WE-MoE on the corrupted pool (the robustness scripts' lr 5e-5) trains its routers on
 /// the corrupted test images: with `seed=42` they agree with FusionBench's after 20 steps within
-/// 1e-5 relative per tensor (its checkpoint, made through the compatibility shim its stock CLI
-/// needs), every other tensor of the checkpoint is FusionBench's, and so is the report.
+/// 1e-5 relative per tensor on the goldens' CPU, 1e-4 on another (its checkpoint, made through
+/// the compatibility shim its stock CLI needs), every other tensor of the checkpoint is
+/// FusionBench's, and so is the report.
 #[test]
 fn we_moe_on_corrupted_test_images_is_fusionbenchs() {
     let golden = root().join("tests/fixtures/golden/fusionbench_robustness/wemoe");
@@ -314,7 +315,13 @@ fn we_moe_on_corrupted_test_images_is_fusionbenchs() {
         let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
         let tol = if name.contains(".mlp.gate.") {
             routers += 1;
-            1e-5
+            // Off the goldens' CPU the 20 Adam steps amplify BLAS's last bits (as in
+            // tests/we_moe_parity.rs: FusionBench's own routers move 2.9e-5 between CPUs).
+            if common::on_goldens_cpu(golden.parent().unwrap()) {
+                1e-5
+            } else {
+                1e-4
+            }
         } else {
             1e-6
         };

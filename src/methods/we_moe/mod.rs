@@ -13,7 +13,9 @@
 pub mod checkpoint;
 pub mod construct;
 pub mod data_parallel;
+mod generation;
 pub mod init;
+mod run_state;
 pub mod step;
 pub mod tta;
 

@@ -19,10 +19,11 @@
 
 use super::construct::Layout;
 use super::data_parallel::{
-    self, BlockResult, Exchange, Hello, RingFallback, RouterBroadcast, RouterWork, RING_FAILED,
-    RING_FAILURES_BEFORE_RELAY,
+    self, BlockResult, Exchange, RingFallback, RouterBroadcast, RING_FAILURES_BEFORE_RELAY,
 };
+use super::generation::{form_generation, is_ring_failure, ranked, retry, step_work, Generation};
 use super::init::normal_draws;
+use super::run_state::{resume, save_state, Boundary, Meta};
 use super::step::{unflatten, RouterExecutor, StepItem, StepResult};
 use super::WeMoeConfig;
 use crate::methods::RunContext;
@@ -31,25 +32,12 @@ use crate::models::we_moe::Routing;
 use crate::tasks::set::TaskSet;
 use crate::tta::adam::{Adam, AdamConfig, AdamState};
 use crate::tta::loaders::Loaders;
-use crate::weights::{WeightMap, WeightSource};
+use crate::weights::WeightMap;
 use anyhow::{bail, Context, Result};
-use fusion_cluster::runtime::{ring_member::RingLayout, ClusterError, Job};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tch::Tensor;
-
-/// What a checkpoint holds besides the tensors.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Meta {
-    run: String,
-    step: u64,
-    loaders: Loaders,
-    seed: u64,
-    adam_steps: u64,
-    losses: Vec<f64>,
-}
 
 fn method_name(c: &WeMoeConfig) -> &'static str {
     if c.sparse {
@@ -104,95 +92,6 @@ fn run_key(c: &WeMoeConfig, set: &TaskSet, ctx: &RunContext<'_>) -> String {
         h.update(format!("{}|{}|{:x}", t.name, t.data.len(), t.data.fingerprint()));
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn save_state(path: &Path, meta: &Meta, params: &[Tensor], adams: &[Adam]) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut map = WeightMap::new();
-    for (i, (p, a)) in params.iter().zip(adams).enumerate() {
-        let s = a.state();
-        let shape = p.size();
-        map.insert(format!("router.{i}"), p.shallow_clone());
-        map.insert(format!("exp_avg.{i}"), Tensor::from_slice(&s.exp_avg).view(shape.as_slice()));
-        map.insert(
-            format!("exp_avg_sq.{i}"),
-            Tensor::from_slice(&s.exp_avg_sq).view(shape.as_slice()),
-        );
-    }
-    let meta = HashMap::from([("state".to_string(), serde_json::to_string(meta)?)]);
-    crate::weights::save_safetensors(&map, path, Some(meta))
-        .with_context(|| format!("checkpointing the router training to {}", path.display()))
-}
-
-/// The loop's state at a step boundary: what a checkpoint of it says, the routers, their Adam
-/// states.
-struct Boundary {
-    meta: Meta,
-    params: Vec<Tensor>,
-    adams: Vec<Adam>,
-}
-
-/// A checkpoint's state: what it says, the routers, their Adam states.
-type Resumed = (Meta, Vec<Tensor>, Vec<Adam>);
-
-/// The checkpoint in `file`, if any: `None` when there is none, or when it is a longer-lived
-/// state than this run's `max_steps` allows (then the run starts afresh, with a warning). One of
-/// another configuration, or unreadable, is an error naming the file.
-fn resume(file: &Path, key: &str, c: &WeMoeConfig, like: &[Tensor]) -> Result<Option<Resumed>> {
-    if !file.exists() {
-        return Ok(None);
-    }
-    let shown = file.display();
-    let f = crate::weights::SafetensorsFile::open(file)
-        .with_context(|| format!("reading the checkpoint {shown}"))?;
-    let meta: Meta = f
-        .user_metadata()
-        .and_then(|m| m.get("state"))
-        .map(|s| serde_json::from_str(s))
-        .transpose()
-        .with_context(|| format!("{shown}: its state"))?
-        .with_context(|| format!("{shown}: not a router-training checkpoint (no state)"))?;
-    if meta.run != key {
-        bail!("{shown}: a checkpoint of another configuration (remove it to start afresh)");
-    }
-    if meta.step > c.max_steps {
-        tracing::warn!(file = %shown, step = meta.step, max_steps = c.max_steps, "the checkpoint is past this run's max_steps: starting afresh");
-        return Ok(None);
-    }
-    let cfg = AdamConfig::with_lr(c.lr);
-    let mut params = Vec::new();
-    let mut adams = Vec::new();
-    for (i, l) in like.iter().enumerate() {
-        let get = |name: String| -> Result<Tensor> {
-            let t = f.tensor(&name).with_context(|| format!("{shown}: `{name}`"))?;
-            if t.size() != l.size() {
-                bail!(
-                    "{shown}: `{name}` has shape {:?}, the routers need {:?}",
-                    t.size(),
-                    l.size()
-                );
-            }
-            Ok(t.contiguous())
-        };
-        let p = get(format!("router.{i}"))?;
-        let v = |t: Tensor| Vec::<f32>::try_from(t.flatten(0, -1)).unwrap_or_default();
-        let state = AdamState {
-            step: meta.adam_steps,
-            exp_avg: v(get(format!("exp_avg.{i}"))?),
-            exp_avg_sq: v(get(format!("exp_avg_sq.{i}"))?),
-        };
-        adams.push(
-            Adam::restore(cfg, &l.size(), &state)
-                .with_context(|| format!("{shown}: Adam state #{i}"))?,
-        );
-        params.push(p);
-    }
-    if f.tensor(&format!("router.{}", like.len())).is_ok() {
-        bail!("{shown}: more router tensors than this model has");
-    }
-    Ok(Some((meta, params, adams)))
 }
 
 /// Trains the routers of `map` (FusionBench's initial MoE model) on the cluster (this process
@@ -474,119 +373,6 @@ pub fn adapt(
     bar.finish_and_clear();
     tracing::info!(rounds = summary.rounds.len(), workers = ?summary.per_worker, lost = summary.lost.len(), "test-time adaptation done");
     Ok((with_routers(map, &params, c.shared_gate), remote))
-}
-
-/// One generation of the workers' ring: its processes by rank and their ring addresses
-/// (`None`: the coordinator's executor alone).
-struct Generation {
-    names: Vec<String>,
-    layout: Option<RingLayout>,
-}
-
-/// Consecutive failed attempts at a step (each a lost or joining process) before the run fails.
-const MAX_RETRIES: usize = 20;
-
-/// Step `step`'s pinned items on generation `g`: each rank's contiguous block of `items`, as
-/// one ring step item per rank ([`Exchange::Ring`]) or one relay item per task
-/// ([`Exchange::Coordinator`]), in item order.
-fn step_work(
-    g: &Generation,
-    step: u64,
-    items: &[StepItem],
-    exchange: Exchange,
-) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut work = Vec::new();
-    for (rank, range) in data_parallel::blocks(items.len(), g.names.len()).into_iter().enumerate() {
-        let name = &g.names[rank];
-        match exchange {
-            Exchange::Ring => {
-                let w = RouterWork::Step {
-                    layout: g.layout.clone(),
-                    rank: rank as u32,
-                    step,
-                    mine: items[range].to_vec(),
-                };
-                work.push((name.clone(), fusion_cluster::codec::encode(&w)?));
-            }
-            Exchange::Coordinator => {
-                for item in &items[range] {
-                    let w = RouterWork::Relay(item.clone());
-                    work.push((name.clone(), fusion_cluster::codec::encode(&w)?));
-                }
-            }
-        }
-    }
-    Ok(work)
-}
-
-/// An executor's ring failed ([`RING_FAILED`]).
-fn is_ring_failure(e: &ClusterError) -> bool {
-    matches!(e, ClusterError::ItemFailed { error, .. } if error.contains(RING_FAILED))
-}
-
-/// The job's processes in rank order: this process's own executor first, then the remote
-/// workers in joining order.
-fn ranked(mut names: Vec<String>) -> Result<Vec<String>> {
-    let local = fusion_cluster::runtime::local_worker_name(0);
-    let at = names
-        .iter()
-        .position(|n| *n == local)
-        .context("the coordinator's own executor is not in the job")?;
-    let me = names.remove(at);
-    names.insert(0, me);
-    Ok(names)
-}
-
-/// Forms ring generation `generation` of the processes `names`: asks each where its ring
-/// endpoint is (not when the gradients go through the coordinator), then hands every process
-/// `full`, the routers and Adam's state of step `step` (an encoded [`RouterBroadcast::Full`]).
-fn form_generation(
-    job: &mut Job,
-    names: Vec<String>,
-    generation: u64,
-    step: u64,
-    full: Vec<u8>,
-    exchange: Exchange,
-) -> std::result::Result<Generation, ClusterError> {
-    let codec = |e: fusion_cluster::codec::CodecError| ClusterError::Runtime(e.to_string());
-    let layout = if names.len() > 1 && exchange == Exchange::Ring {
-        let hello = fusion_cluster::codec::encode(&RouterWork::Hello).map_err(codec)?;
-        let round = job.round_pinned(names.iter().map(|n| (n.clone(), hello.clone())).collect())?;
-        let hellos: Vec<Hello> = round
-            .results
-            .iter()
-            .map(|r| fusion_cluster::codec::decode(r))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(codec)?;
-        data_parallel::layout(generation, &hellos)
-            .map_err(|e| ClusterError::Runtime(format!("{e:#}")))?
-    } else {
-        None
-    };
-    job.broadcast(full)?;
-    tracing::info!(generation, processes = ?names, step, %exchange, "router training: ring generation");
-    Ok(Generation { names, layout })
-}
-
-/// A failed step or ring formation: `Ok` (try again on the processes left) when a process was
-/// lost or the ring failed, up to [`MAX_RETRIES`] times in a row; the error otherwise.
-fn retry(e: ClusterError, step: u64, failures: &mut usize, exchange: Exchange) -> Result<()> {
-    let lost = matches!(e, ClusterError::PinnedWorkerLost { .. }) || is_ring_failure(&e);
-    *failures += 1;
-    if !lost || *failures > MAX_RETRIES {
-        return Err(anyhow::Error::new(e).context(format!("step {step}")));
-    }
-    match exchange {
-        Exchange::Ring => {
-            tracing::warn!(step, attempt = *failures, error = %e, "a process was lost or the ring failed: the step runs again on a new ring")
-        }
-        Exchange::Coordinator => {
-            tracing::warn!(step, attempt = *failures, error = %e, "a process was lost: the step runs again on the processes left")
-        }
-    }
-    // Give the coordinator time to see the loss before the next attempt looks at the workers.
-    std::thread::sleep(std::time::Duration::from_millis(200 * (*failures as u64).min(10)));
-    Ok(())
 }
 
 /// `map` with its router tensors replaced by `params` (state-dict order; a shared router once).
