@@ -6,10 +6,6 @@ use std::path::{Path, PathBuf};
 
 mod common;
 use std::process::{Command, Output};
-use std::sync::Arc;
-
-use arrow_array::{ArrayRef, BinaryArray, Int64Array, RecordBatch, StringArray, StructArray};
-use arrow_schema::{DataType, Field, Fields, Schema};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -258,31 +254,8 @@ fn replace_test_split(home: &Path, repo: &str, rows: &[(Vec<u8>, i64)]) {
 /// Writes `rows` (bytes, label) as an image-classification parquet file, in row groups of at
 /// most `row_group` rows when given.
 fn write_parquet(path: &Path, rows: &[(Vec<u8>, i64)], row_group: Option<usize>) {
-    let fields = Fields::from(vec![
-        Field::new("bytes", DataType::Binary, true),
-        Field::new("path", DataType::Utf8, true),
-    ]);
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("image", DataType::Struct(fields.clone()), true),
-        Field::new("label", DataType::Int64, true),
-    ]));
-    let bytes: ArrayRef =
-        Arc::new(BinaryArray::from_iter_values(rows.iter().map(|r| r.0.as_slice())));
-    let paths: ArrayRef = Arc::new(StringArray::from(vec![None::<&str>; rows.len()]));
-    let image: ArrayRef = Arc::new(StructArray::try_new(fields, vec![bytes, paths], None).unwrap());
-    let label: ArrayRef = Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>()));
-    let batch = RecordBatch::try_new(schema.clone(), vec![image, label]).unwrap();
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let props = row_group.map(|n| {
-        parquet::file::properties::WriterProperties::builder()
-            .set_max_row_group_row_count(Some(n))
-            .build()
-    });
-    let mut w =
-        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema, props)
-            .unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    fusion_bench::data::parquet::write_image_rows(path, rows, row_group).unwrap();
 }
 
 /// A local dataset folder larger than the fixtures: `rows` PNG images of 192×192 over two

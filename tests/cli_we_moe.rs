@@ -3,7 +3,8 @@
 //! train the routers to the single process's bits, their gradients summed over the ring, then
 //! evaluate the trained model together and give the single process's report; a run stopped by
 //! SIGTERM (also in the middle of a step) or killed with SIGKILL, restarted, ends with the
-//! uninterrupted run's routers bit for bit.
+//! uninterrupted run's routers bit for bit; a worker joining mid-training takes part and keeps
+//! the single process's bits.
 
 use common::cluster::{
     assert_worker_computed, assert_worker_succeeded, spawn_worker, Coordinator, ADAPTATION,
@@ -279,4 +280,58 @@ fn bad_input_is_refused_with_the_key_or_file_named() {
         assert!(!err.contains("panicked"), "{extra:?}: a panic:\n{err}");
         assert!(!dir.path().join("bad.ckpt").exists() && !dir.path().join("bad.json").exists());
     }
+}
+
+/// A worker that joins while the routers train: it is handed the job's last state, a step's
+/// commit, before anything else (it has no routers to apply it to, and ignores it), then the
+/// routers and Adam's state of a new ring generation, and computes its block of the later steps;
+/// the trained model and the report are the single process's, byte for byte.
+#[test]
+fn a_worker_joining_mid_training_takes_part_and_keeps_the_single_process_bits() {
+    // Enough steps that the joiner (started after step 1) starts up well before the last.
+    let steps = 80;
+    let one = tempfile::tempdir().unwrap();
+    let out = command(one.path(), &args(one.path(), steps, "run")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let job = dir.join("job").display().to_string();
+    let mut a = args(dir, steps, "run");
+    a.extend(["--serve", "127.0.0.1:0", "--min-workers", "1", "--wait", "60"].map(String::from));
+    a.extend(["--job-dir".to_string(), job.clone()]);
+    let (mut coord, addr) = Coordinator::spawn(command(dir, &a));
+    let worker = |i: usize| {
+        let wdir = dir.join(format!("w{i}"));
+        let mut a = args(dir, steps, "run");
+        a.extend(["--join".to_string(), addr.clone(), "--node-name".into(), format!("w{i}")]);
+        a.extend(["--job-dir".to_string(), job.clone()]);
+        spawn_worker(command(&wdir, &a), &wdir)
+    };
+    let mut first = worker(0);
+    wait_for_step(dir, 1, &mut coord.child);
+    let mut late = worker(1);
+    let (status, log) = coord.wait();
+    assert!(status.success(), "coordinator: {status}\n{log}");
+    assert_worker_succeeded(&mut first, 0, &dir.join("w0"));
+    assert_worker_succeeded(&mut late, 1, &dir.join("w1"));
+    // The joiner was taken into a new ring generation at a later step, and computed in it.
+    let joined_at = log
+        .lines()
+        .filter(|l| l.contains("ring generation") && l.contains("\"w1\""))
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("step=")))
+        .and_then(|s| s.parse::<u64>().ok());
+    assert!(joined_at.is_some_and(|s| s > 0 && s < steps), "joined at {joined_at:?}:\n{log}");
+    let wlog = std::fs::read_to_string(dir.join("w1/stderr.log")).unwrap();
+    assert!(wlog.contains("worker ring formed"), "the joiner never computed in the ring:\n{wlog}");
+    assert!(
+        std::fs::read(dir.join("run.ckpt")).unwrap()
+            == std::fs::read(one.path().join("run.ckpt")).unwrap(),
+        "the trained model differs from the single process's"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("run.json")).unwrap(),
+        std::fs::read_to_string(one.path().join("run.json")).unwrap(),
+        "the report"
+    );
 }

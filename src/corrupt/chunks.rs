@@ -30,6 +30,8 @@ pub struct Chunk {
     pub rows: u32,
     /// The split's row index of the chunk's first row (seeds each image's generator).
     pub index: u64,
+    /// The file's row index of the chunk's first row (for error messages).
+    pub file_row: u64,
 }
 
 /// A corrupted chunk: its images PNG-encoded and their labels, in row order.
@@ -64,6 +66,7 @@ impl Plan {
         for (f, path) in files.iter().enumerate() {
             let groups = pq::row_group_rows(path)?;
             file_rows.push(groups.iter().sum());
+            let mut file_row = 0u64;
             for (g, &n) in groups.iter().enumerate() {
                 let mut offset = 0u64;
                 while offset < n {
@@ -74,9 +77,11 @@ impl Plan {
                         offset: u32::try_from(offset).context("a row group of over 2^32 rows")?,
                         rows: rows as u32,
                         index,
+                        file_row,
                     });
                     offset += rows;
                     index += rows;
+                    file_row += rows;
                 }
             }
         }
@@ -142,17 +147,12 @@ pub fn corrupt_chunk(
             chunk.rows
         );
     }
-    // The chunk's first row within its file, for error messages.
-    let first_in_file = {
-        let groups = pq::row_group_rows(file)?;
-        groups[..chunk.row_group as usize].iter().sum::<u64>() + u64::from(chunk.offset)
-    };
     let images = rows
         .par_iter()
         .enumerate()
         .map(|(i, r)| {
             let idx = chunk.index as usize + i;
-            let img = decode_row(a, file, first_in_file as usize + i, idx, &r.bytes)?;
+            let img = decode_row(a, file, chunk.file_row as usize + i, idx, &r.bytes)?;
             let mut rng = Rng::for_image(a.seed, idx as u64);
             let out = corrupt_image(corruption, a.params, a.severity, &img, &mut rng)
                 .with_context(|| {
@@ -204,48 +204,24 @@ mod tests {
 
     #[test]
     fn chunks_stay_inside_row_groups_and_cover_the_split_in_order() {
-        use arrow_array::{
-            ArrayRef, BinaryArray, Int64Array, RecordBatch, StringArray, StructArray,
-        };
-        use arrow_schema::{DataType, Field, Fields, Schema};
-        use parquet::arrow::ArrowWriter;
-        use parquet::file::properties::WriterProperties;
-        use std::sync::Arc;
         let dir = tempfile::tempdir().unwrap();
-        let fields = Fields::from(vec![
-            Field::new("bytes", DataType::Binary, true),
-            Field::new("path", DataType::Utf8, true),
-        ]);
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("image", DataType::Struct(fields.clone()), true),
-            Field::new("label", DataType::Int64, true),
-        ]));
         let mut files = Vec::new();
-        for (f, n) in [(0, 7usize), (1, 3)] {
+        for (f, n) in [(0u8, 7u8), (1, 3)] {
             let path = dir.path().join(format!("test-0000{f}-of-00002.parquet"));
-            let props = WriterProperties::builder().set_max_row_group_row_count(Some(4)).build();
-            let mut w = ArrowWriter::try_new(
-                std::fs::File::create(&path).unwrap(),
-                schema.clone(),
-                Some(props),
-            )
-            .unwrap();
-            let bytes: ArrayRef =
-                Arc::new(BinaryArray::from_iter_values((0..n).map(|i| vec![f as u8, i as u8])));
-            let paths: ArrayRef = Arc::new(StringArray::from(vec![None::<&str>; n]));
-            let image: ArrayRef =
-                Arc::new(StructArray::try_new(fields.clone(), vec![bytes, paths], None).unwrap());
-            let label: ArrayRef =
-                Arc::new(Int64Array::from_iter_values((0..n as i64).map(|i| 10 * f + i)));
-            w.write(&RecordBatch::try_new(schema.clone(), vec![image, label]).unwrap()).unwrap();
-            w.close().unwrap();
+            let rows: Vec<(Vec<u8>, i64)> =
+                (0..n).map(|i| (vec![f, i], i64::from(10 * f + i))).collect();
+            pq::write_image_rows(&path, &rows, Some(4)).unwrap();
             files.push(path);
         }
         let plan = Plan::new(&files, 3).unwrap();
         // File 0: row groups of 4 and 3 rows; file 1: one of 3.
-        let got: Vec<_> =
-            plan.chunks.iter().map(|c| (c.file, c.row_group, c.offset, c.rows, c.index)).collect();
-        assert_eq!(got, vec![(0, 0, 0, 3, 0), (0, 0, 3, 1, 3), (0, 1, 0, 3, 4), (1, 0, 0, 3, 7)]);
+        let got: Vec<_> = plan
+            .chunks
+            .iter()
+            .map(|c| (c.file, c.row_group, c.offset, c.rows, c.index, c.file_row))
+            .collect();
+        let want = [(0, 0, 0, 3, 0, 0), (0, 0, 3, 1, 3, 3), (0, 1, 0, 3, 4, 4), (1, 0, 0, 3, 7, 0)];
+        assert_eq!(got, want);
         assert_eq!((plan.total_rows(), plan.file_rows.clone()), (10, vec![7, 3]));
         // Each chunk reads exactly its rows.
         let mut seen = Vec::new();

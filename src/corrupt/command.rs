@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use arrow_array::{ArrayRef, BinaryArray, Int64Array, RecordBatch, StringArray, StructArray};
-use arrow_schema::{DataType, Field, Fields, Schema};
+use arrow_schema::Schema;
 use parquet::arrow::ArrowWriter;
 use rayon::prelude::*;
 
@@ -393,7 +392,7 @@ struct SplitWriter {
 
 impl SplitWriter {
     fn create(tmp: &Path, metadata: arrow_schema::Metadata) -> Result<Self> {
-        let schema = Arc::new(output_schema(metadata));
+        let schema = Arc::new(pq::image_schema(metadata));
         let file = File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let writer = ArrowWriter::try_new(file, schema.clone(), None)?;
         Ok(Self { writer, schema, rows: 0, bytes: 0 })
@@ -403,7 +402,7 @@ impl SplitWriter {
         let images: Vec<Vec<u8>> = chunk.images.into_iter().map(|b| b.0).collect();
         self.bytes += images.iter().map(|b| b.len() as u64).sum::<u64>();
         self.rows += images.len() as u64;
-        self.writer.write(&batch_of(&self.schema, images, chunk.labels)?)?;
+        self.writer.write(&pq::image_batch(&self.schema, &images, chunk.labels)?)?;
         Ok(())
     }
 
@@ -420,29 +419,4 @@ fn source_metadata(file: &Path) -> Result<arrow_schema::Metadata> {
     let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
         .with_context(|| format!("reading {}", file.display()))?;
     Ok(b.schema().metadata().clone())
-}
-
-/// `image: struct<bytes: binary, path: string>, label: int64`, as `datasets` writes them.
-fn output_schema(metadata: arrow_schema::Metadata) -> Schema {
-    Schema::new(vec![
-        Field::new("image", DataType::Struct(image_fields()), true),
-        Field::new("label", DataType::Int64, true),
-    ])
-    .with_metadata(metadata)
-}
-
-fn image_fields() -> Fields {
-    Fields::from(vec![
-        Field::new("bytes", DataType::Binary, true),
-        Field::new("path", DataType::Utf8, true),
-    ])
-}
-
-fn batch_of(schema: &Arc<Schema>, images: Vec<Vec<u8>>, labels: Vec<i64>) -> Result<RecordBatch> {
-    let n = images.len();
-    let bytes: ArrayRef = Arc::new(BinaryArray::from_iter_values(images.iter()));
-    let paths: ArrayRef = Arc::new(StringArray::from(vec![None::<&str>; n]));
-    let image: ArrayRef = Arc::new(StructArray::try_new(image_fields(), vec![bytes, paths], None)?);
-    let label: ArrayRef = Arc::new(Int64Array::from(labels));
-    Ok(RecordBatch::try_new(schema.clone(), vec![image, label])?)
 }

@@ -158,6 +158,65 @@ impl Iterator for RowBatches {
     }
 }
 
+/// The schema `datasets` writes for an image-classification split: `image: struct<bytes: binary,
+/// path: string>, label: int64`, with `metadata` (the `huggingface` features) attached.
+pub fn image_schema(metadata: arrow_schema::Metadata) -> arrow_schema::Schema {
+    use arrow_schema::{Field, Schema};
+    Schema::new(vec![
+        Field::new("image", DataType::Struct(image_fields()), true),
+        Field::new("label", DataType::Int64, true),
+    ])
+    .with_metadata(metadata)
+}
+
+fn image_fields() -> arrow_schema::Fields {
+    use arrow_schema::Field;
+    arrow_schema::Fields::from(vec![
+        Field::new("bytes", DataType::Binary, true),
+        Field::new("path", DataType::Utf8, true),
+    ])
+}
+
+/// One record batch of [`image_schema`] `schema`: the encoded images (no `path`) and labels.
+pub fn image_batch<B: AsRef<[u8]>>(
+    schema: &std::sync::Arc<arrow_schema::Schema>,
+    images: &[B],
+    labels: Vec<i64>,
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    use arrow_array::{BinaryArray, Int64Array, StringArray};
+    use std::sync::Arc;
+    let bytes: ArrayRef = Arc::new(BinaryArray::from_iter_values(images.iter()));
+    let paths: ArrayRef = Arc::new(StringArray::from(vec![None::<&str>; images.len()]));
+    let image: ArrayRef = Arc::new(StructArray::try_new(image_fields(), vec![bytes, paths], None)?);
+    let label: ArrayRef = Arc::new(Int64Array::from(labels));
+    RecordBatch::try_new(schema.clone(), vec![image, label])
+}
+
+/// Writes `rows` (encoded image, label) as an image-classification parquet file at `path`, in
+/// row groups of at most `row_group_rows` rows when given (fixtures and tests).
+pub fn write_image_rows(
+    path: &Path,
+    rows: &[(Vec<u8>, i64)],
+    row_group_rows: Option<usize>,
+) -> Result<(), DataError> {
+    let perr = |message: String| DataError::Parquet { path: shown(path), message };
+    let schema = std::sync::Arc::new(image_schema(Default::default()));
+    let images: Vec<&[u8]> = rows.iter().map(|r| r.0.as_slice()).collect();
+    let batch = image_batch(&schema, &images, rows.iter().map(|r| r.1).collect())
+        .map_err(|e| perr(e.to_string()))?;
+    let props = row_group_rows.map(|n| {
+        parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(n.max(1)))
+            .build()
+    });
+    let file = File::create(path).map_err(|source| DataError::Io { path: shown(path), source })?;
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, props)
+        .map_err(|e| perr(e.to_string()))?;
+    w.write(&batch).map_err(|e| perr(e.to_string()))?;
+    w.close().map_err(|e| perr(e.to_string()))?;
+    Ok(())
+}
+
 /// Read every row of an image-classification parquet file, in file order.
 pub fn read_rows(path: &Path) -> Result<Vec<ImageRow>, DataError> {
     let mut rows = Vec::new();
